@@ -1,0 +1,16 @@
+"""moesaic: sparse Mixture-of-Experts language models, end to end.
+
+Public API (more arrives with training, inference and checkpoint modules):
+    ModelConfig, PRESETS      typed configuration and named presets
+    build_model               a randomly initialised model from a config
+    kernels.moe_experts       the expert-dispatch entry point; kernels.available_backends()
+"""
+
+from moesaic import kernels
+from moesaic.config import PRESETS, ModelConfig
+from moesaic.model import ModelOutput, ParamCount, RouterOutput, Transformer, build_model
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "PRESETS", "build_model", "Transformer", "ModelOutput", "ParamCount",
+           "RouterOutput", "kernels", "__version__"]

@@ -1,0 +1,1 @@
+"""Entry-point functions behind the CLI (one module per area)."""

@@ -1,0 +1,101 @@
+"""Rotary position embeddings (half-rotation layout, as Llama/Mixtral/Qwen in transformers).
+
+Shape legend: B batch, T positions, H heads, R rotary dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] and the attention scale factor applied to cos/sin (1.0 unless yarn)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor = 1.0
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3(inv_freq, scaling)
+    elif kind == "yarn":
+        inv_freq, factor = _yarn(inv_freq, dim, theta, scaling)
+    else:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, yarn")
+    return inv_freq.float(), factor
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, s: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    factor = float(s["factor"])
+    old_len = float(s.get("original_max_position_embeddings", 4096))
+    beta_fast, beta_slow = float(s.get("beta_fast", 32)), float(s.get("beta_slow", 1))
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+    if mscale and mscale_all:
+        attn = get_mscale(factor, float(mscale)) / get_mscale(factor, float(mscale_all))
+    else:
+        attn = float(s.get("attention_factor") or get_mscale(factor))
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(old_len / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv, attn
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for arbitrary per-row positions."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> (cos, sin) [B, T, R] (R = rotary dim, frequencies repeated twice)."""
+        freqs = positions_BT.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x_BHTR: torch.Tensor, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, R] by the tables [B, T, R]."""
+    cos, sin = cos_BTR[:, None], sin_BTR[:, None]
+    return x_BHTR * cos + rotate_half(x_BHTR) * sin
+
+
+def apply_rope_interleaved(x_BHTR: torch.Tensor, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor) -> torch.Tensor:
+    """DeepSeek layout: pairs are interleaved (x0, x1), (x2, x3)...; de-interleave then rotate."""
+    b, h, t, r = x_BHTR.shape
+    x = x_BHTR.view(b, h, t, r // 2, 2).transpose(-1, -2).reshape(b, h, t, r)
+    return apply_rope(x, cos_BTR, sin_BTR)

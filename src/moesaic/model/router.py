@@ -1,0 +1,184 @@
+"""Routers: hidden states [T, D] -> each token's top-k experts and combine weights.
+
+Shape legend: T tokens, D model dim, E experts, K top-k, Gr expert groups.
+
+Every router returns a `RouterOutput`. Expert id -1 marks a (token, slot) dropped by
+capacity: its weight is 0 and the experts kernel skips it. Statistics are computed over
+real tokens only (`token_mask`), so padding never counts toward load or losses, and they
+are sums (not means) so a trainer can add them up across micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moesaic.config import ModelConfig, capacity
+
+
+@dataclass
+class RouterOutput:
+    """What a router decided for T tokens.
+
+    weights_TK: combine weights (0 for dropped slots); expert_ids_TK: int64 expert per slot (-1 dropped);
+    logits_TE: raw router logits; probs_TE: the per-expert probabilities the balance loss uses
+    (softmax, or normalised sigmoid scores); counts_E: routed (token, slot) pairs per expert over real
+    tokens, after drops; prob_sum_E: sum of probs_TE over real tokens (differentiable);
+    z_sum: sum over real tokens of logsumexp(logits)^2 (differentiable); n_tokens: real tokens;
+    n_dropped: real (token, slot) pairs dropped by capacity.
+    """
+
+    weights_TK: torch.Tensor
+    expert_ids_TK: torch.Tensor
+    logits_TE: torch.Tensor
+    probs_TE: torch.Tensor
+    counts_E: torch.Tensor
+    prob_sum_E: torch.Tensor
+    z_sum: torch.Tensor
+    n_tokens: int
+    n_dropped: int
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids_TK.shape[1]
+
+    @property
+    def dropped_fraction(self) -> float:
+        total = self.n_tokens * self.top_k
+        return self.n_dropped / total if total else 0.0
+
+    @property
+    def load_imbalance(self) -> float:
+        """max / mean of tokens per expert (1.0 = perfectly balanced)."""
+        c = self.counts_E.float()
+        return float(c.max() / c.mean()) if float(c.sum()) > 0 else 1.0
+
+
+class Router(nn.Module):
+    """Base: a bias-free linear gate [E, D] in fp32 math; subclasses choose experts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.normalize, self.scale = cfg.normalize_topk, cfg.routed_scaling_factor
+        self.capacity_factor, self.jitter = cfg.capacity_factor, cfg.router_jitter
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
+        return F.linear(x_TD.float(), self.weight.float())
+
+    def select(self, logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights_TK, ids_TK, probs_TE for the balance loss)."""
+        raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
+                top_k: int | None = None) -> RouterOutput:
+        """Route T tokens. `top_k` lowers the number of experts per token (inference dial)."""
+        k = self.top_k if top_k is None else int(top_k)
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"top_k override must be in [1, {self.num_experts}], got {k}")
+        logits_TE = self.logits(x_TD)
+        weights_TK, ids_TK, probs_TE = self.select(logits_TE, k)
+        valid_T = (torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+                   if token_mask_T is None else token_mask_T.reshape(-1).bool())
+        ids_TK = torch.where(valid_T[:, None], ids_TK, torch.full_like(ids_TK, -1))
+        n_dropped = 0
+        if self.capacity_factor is not None:
+            ids_TK, n_dropped = drop_over_capacity(ids_TK, self.num_experts,
+                                                   capacity(self.capacity_factor, int(valid_T.sum()), k,
+                                                            self.num_experts))
+        weights_TK = weights_TK * (ids_TK >= 0)
+        return _finish(weights_TK.to(x_TD.dtype), ids_TK, logits_TE, probs_TE, valid_T, n_dropped,
+                       self.num_experts)
+
+
+def _finish(weights_TK, ids_TK, logits_TE, probs_TE, valid_T, n_dropped, e) -> RouterOutput:
+    routed = ids_TK[ids_TK >= 0]
+    counts_E = torch.bincount(routed, minlength=e)
+    m = valid_T.to(probs_TE.dtype)[:, None]
+    z_sum = (torch.logsumexp(logits_TE, dim=-1).pow(2) * m[:, 0]).sum()
+    return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE, counts_E, (probs_TE * m).sum(0), z_sum,
+                        int(valid_T.sum()), n_dropped)
+
+
+def drop_over_capacity(ids_TK: torch.Tensor, num_experts: int, cap: int) -> tuple[torch.Tensor, int]:
+    """Keep at most `cap` pairs per expert, first come first served in (token, slot) order; -1 the rest."""
+    flat = ids_TK.reshape(-1)
+    valid = flat >= 0
+    onehot_NE = F.one_hot(flat.clamp(min=0), num_experts) * valid[:, None]
+    rank_N = ((onehot_NE.cumsum(0) - 1) * onehot_NE).sum(-1)  # position of each pair in its expert's queue
+    keep = valid & (rank_N < cap)
+    n_dropped = int((valid & ~keep).sum())
+    return torch.where(keep, flat, torch.full_like(flat, -1)).view_as(ids_TK), n_dropped
+
+
+class SoftmaxTopK(Router):
+    """softmax over experts, top-k, optional renormalisation (Mixtral: yes; Qwen2-MoE: no)."""
+
+    def select(self, logits_TE, k):
+        probs = logits_TE.softmax(-1)
+        w, ids = probs.topk(k, dim=-1)
+        if self.normalize:
+            w = w / w.sum(-1, keepdim=True)
+        return w * self.scale, ids, probs
+
+
+class SwitchTop1(Router):
+    """Switch Transformer: top-1 of the softmax, weight = its probability (never renormalised);
+    capacity drops overflow."""
+
+    def select(self, logits_TE, k):
+        probs = logits_TE.softmax(-1)
+        w, ids = probs.topk(k, dim=-1)
+        return w * self.scale, ids, probs
+
+
+class SigmoidTopK(Router):
+    """DeepSeek-V3: sigmoid scores; selection on scores + correction bias, restricted to the
+    `topk_group` best of `n_group` groups (ranked by the sum of their two best biased scores);
+    weights are the unbiased scores, normalised, times routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.register_buffer("correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def select(self, logits_TE, k):
+        scores = logits_TE.sigmoid()
+        choice = scores + self.correction_bias.float()
+        if self.n_group > 1:
+            choice = _limit_groups(choice, self.n_group, self.topk_group)
+        ids = choice.topk(k, dim=-1).indices
+        w = scores.gather(1, ids)
+        if self.normalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        probs = scores / scores.sum(-1, keepdim=True)
+        return w * self.scale, ids, probs
+
+
+def _limit_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """Mask (to -inf) the experts outside each token's `topk_group` best groups."""
+    t, e = choice_TE.shape
+    grouped = choice_TE.view(t, n_group, e // n_group)
+    group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, Gr]
+    keep_groups = group_score.topk(topk_group, dim=-1).indices
+    keep = torch.zeros(t, n_group, dtype=torch.bool, device=choice_TE.device)
+    keep.scatter_(1, keep_groups, True)
+    keep_TE = keep[:, :, None].expand_as(grouped).reshape(t, e)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "softmax_topk": SoftmaxTopK, "sigmoid_topk": SigmoidTopK, "switch": SwitchTop1,
+}
+
+
+def build_router(cfg: ModelConfig) -> Router:
+    """The router named by cfg.router."""
+    return ROUTER_CLASSES[cfg.router](cfg)
