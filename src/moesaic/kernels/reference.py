@@ -21,12 +21,13 @@ def moe_experts_reference(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF
 
     Accumulates in fp32 and returns hidden's dtype. Differentiable in hidden, weights and w13/w2.
     """
-    out_TD = torch.zeros(hidden_TD.shape, dtype=torch.float32, device=hidden_TD.device)
+    acc = torch.promote_types(hidden_TD.dtype, torch.float32)
+    out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
     for e in range(w13_EGD.shape[0]):
         tok, slot = (expert_ids_TK == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
         x = hidden_TD[tok]
         y = swiglu(x @ w13_EGD[e].t()) @ w2_EDF[e].t()
-        out_TD = out_TD.index_add(0, tok, y.float() * weights_TK[tok, slot, None].float())
+        out_TD = out_TD.index_add(0, tok, y.to(acc) * weights_TK[tok, slot, None].to(acc))
     return out_TD.to(hidden_TD.dtype)

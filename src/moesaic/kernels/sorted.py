@@ -60,6 +60,7 @@ def moe_experts_sorted(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: t
     x_ND = hidden_TD[token_N]
     y_ND = _grouped_swiglu_mlp(x_ND, w13_EGD, w2_EDF, counts_E)
     w_N = weights_TK.reshape(-1)[order_N]
-    out_TD = torch.zeros(hidden_TD.shape, dtype=torch.float32, device=hidden_TD.device)
-    out_TD = out_TD.index_add(0, token_N, y_ND.float() * w_N[:, None].float())
+    acc = torch.promote_types(hidden_TD.dtype, torch.float32)
+    out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
+    out_TD = out_TD.index_add(0, token_N, y_ND.to(acc) * w_N[:, None].to(acc))
     return out_TD.to(hidden_TD.dtype)
