@@ -75,7 +75,7 @@ def get_backend(name: str, hidden: torch.Tensor | None = None, w13: torch.Tensor
                 return b
         return _BACKENDS["reference"]
     if name not in _BACKENDS:
-        raise ValueError(f"unknown MoE backend {name!r}; registered backends: {sorted(_BACKENDS)}")
+        raise ValueError(f"unknown MoE backend {name!r}; registered backends: {builtins.sorted(_BACKENDS)}")
     b = _BACKENDS[name]
     if name not in available_backends():
         raise ValueError(f"MoE backend {name!r} is not available on this machine; "
@@ -124,6 +124,8 @@ def _register_builtin() -> None:
 
     register(Backend("reference", reference.moe_experts_reference, priority=0))
     register(Backend("sorted", sorted_backend.moe_experts_sorted, priority=10))
+    # importing the submodule bound `sorted` in this package's namespace, shadowing the builtin
+    globals().pop("sorted", None)
 
 
 _register_builtin()
