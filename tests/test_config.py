@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moesaic import ModelConfig, PRESETS, build_model
+from moesaic import PRESETS, ModelConfig, build_model
 
 
 def test_json_round_trip_every_preset(tmp_path):

@@ -120,7 +120,8 @@ def moe_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, exper
 
 
 def _register_builtin() -> None:
-    from moesaic.kernels import reference, sorted as sorted_backend
+    from moesaic.kernels import reference
+    from moesaic.kernels import sorted as sorted_backend
 
     register(Backend("reference", reference.moe_experts_reference, priority=0))
     register(Backend("sorted", sorted_backend.moe_experts_sorted, priority=10))
