@@ -1,0 +1,112 @@
+"""The engine's KV cache: slots preallocated once, and per-forward views over some of the slots.
+
+Shape legend: L layers, N slots, H kv heads, M max positions per slot, Dk/Dv head dims,
+B rows of one forward, T new tokens per row, S key positions the forward attends over.
+
+One slot holds one running request. The buffers are allocated once when the engine starts
+(no per-token reallocation); a request gets a free slot when it joins the batch and gives it
+back when it finishes. The engine keeps running requests packed in slots 0..n-1 (it moves the
+last request into a freed slot), so the usual decode view is a plain slice with no gather.
+
+A `SlotView` implements the model's KV cache protocol (model/cache.py) for the rows of one
+forward: positions(T), update(layer, k, v), advance(T).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    """k [L, N, H, M, Dk] and v [L, N, H, M, Dv] buffers plus lengths [N] (committed positions per slot)."""
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        for name, v in (("n_slots", n_slots), ("max_len", max_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SlotCache.{name} must be an integer >= 1, got {v!r}")
+        self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_len, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n_layers, n_slots, n_kv_heads, max_len, v_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.max_len, self.n_slots = max_len, n_slots
+
+    @classmethod
+    def for_model(cls, config, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> SlotCache:
+        if config.attention == "mla":
+            kd, vd, h = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim, config.n_heads
+        else:
+            kd = vd = config.head_dim
+            h = config.n_kv_heads
+        return cls(config.n_layers, n_slots, h, max_len, kd, vd, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def view(self, slots: list[int]) -> SlotView:
+        return SlotView(self, slots)
+
+    def reset(self, slot: int) -> None:
+        """Free a slot: its length goes to 0 (stale keys are never read: masks stop at the length)."""
+        self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Move slot src's committed positions into slot dst (used to keep running slots packed)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+        self.lengths[src] = 0
+
+
+class SlotView:
+    """The KV cache protocol for the rows `slots` of one forward (all rows get T new tokens)."""
+
+    def __init__(self, cache: SlotCache, slots: list[int]) -> None:
+        if not slots:
+            raise ValueError("SlotView needs at least one slot")
+        self.cache = cache
+        self.slots = list(slots)
+        lo = self.slots[0]
+        self._range = (lo, lo + len(slots)) if self.slots == list(range(lo, lo + len(slots))) else None
+        self._idx = torch.tensor(self.slots, dtype=torch.long, device=cache.lengths.device)
+        self._pos_cache: dict[int, torch.Tensor] = {}
+
+    def _rows(self, buf: torch.Tensor) -> torch.Tensor:
+        if self._range is not None:
+            return buf[self._range[0]:self._range[1]]
+        return buf.index_select(0, self._idx)
+
+    def positions(self, t: int) -> torch.Tensor:
+        """[B, T] absolute positions of the new tokens of each row."""
+        if t not in self._pos_cache:  # the layers all ask for the same positions before advance()
+            base = self._rows(self.cache.lengths)
+            self._pos_cache[t] = base[:, None] + torch.arange(t, device=base.device)[None, :]
+        return self._pos_cache[t]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
+        mask [B, 1, T, S] (True where a query may attend: causal within its own row)."""
+        b, _, t, _ = k.shape
+        pos_BT = self.positions(t)
+        end = int(pos_BT[:, -1].max()) + 1
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
+        kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]
+        slot_BT = self._idx[:, None].expand(b, t)
+        kbuf[slot_BT, :, pos_BT] = k.transpose(1, 2).to(kbuf.dtype)
+        vbuf[slot_BT, :, pos_BT] = v.transpose(1, 2).to(vbuf.dtype)
+        if self._range is not None:
+            k_all, v_all = kbuf[self._range[0]:self._range[1], :, :end], vbuf[self._range[0]:self._range[1], :, :end]
+        else:
+            k_all = kbuf[:, :, :end].index_select(0, self._idx)
+            v_all = vbuf[:, :, :end].index_select(0, self._idx)
+        key_pos = torch.arange(end, device=k.device)
+        mask = key_pos[None, None, :] <= pos_BT[:, :, None]
+        return k_all, v_all, mask[:, None]
+
+    def advance(self, t: int) -> None:
+        self.cache.lengths.index_add_(0, self._idx, torch.full_like(self._idx, t))
+        self._pos_cache.clear()

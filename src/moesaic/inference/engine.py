@@ -1,0 +1,264 @@
+"""The inference engine every front end uses: continuous batching over a preallocated KV cache.
+
+Shape legend: B running rows of one forward, T new tokens, V vocabulary.
+
+One `step()`:
+ 1. admit waiting requests into free KV slots (continuous batching: at step boundaries);
+ 2. prefill each newly admitted request (its whole prompt, one forward) and sample its first token;
+ 3. decode one token for every other running request: one forward over all of them with T = 1
+    (rows are grouped by experts_per_token, since a forward routes every row to the same k;
+    with `deterministic=True` every row runs alone, so its arithmetic never depends on batch-mates);
+ 4. finished requests leave the batch and free their slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+
+from moesaic.inference.cache import SlotCache
+from moesaic.inference.request import Completion, Request
+from moesaic.inference.sampler import SamplingParams, sample_row, token_logprobs
+from moesaic.inference.scheduler import Scheduler
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    """Offline and streaming generation for a moesaic `Transformer`.
+
+    Args:
+        model: a moesaic Transformer (put in eval mode; weights are used as they are).
+        tokenizer: a moesaic Tokenizer (None: prompts must be token ids and no text is produced).
+        max_batch: KV slots, i.e. requests running at once (more wait in a queue).
+        max_len: positions per slot (prompt + generated); default the model's max_seq_len.
+        backend: MoE kernels backend for every MoE layer (None: keep what the layers have).
+        dtype: cast the model to this dtype first (e.g. torch.bfloat16); None keeps it.
+        quantize: "int8" replaces the expert weights by int8 + per-output-channel scales (see
+            inference.quantize); None keeps them.
+        deterministic: run every row's forward alone so a request's output is bitwise independent of
+            its batch-mates (slower: weights are read once per row instead of once per step).
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
+                 backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
+                 quantize_attention: bool = False, deterministic: bool = False) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
+        cfg = model.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"Engine max_len must be an integer >= 2, got {max_len!r}")
+        self.model = model.eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        if quantize is not None:
+            from moesaic.inference.quantize import quantize_model
+
+            quantize_model(self.model, quantize, attention=quantize_attention)
+        if backend is not None:
+            self.model.set_moe_backend(backend)
+        self.tokenizer = tokenizer
+        self.deterministic = deterministic
+        self.vocab = cfg.vocab_size
+        p = next(self.model.parameters())
+        cache_dtype = self.model.embed.weight.dtype if p.dtype == torch.int8 else p.dtype
+        self.device = p.device
+        self.cache = SlotCache.for_model(cfg, max_batch, max_len, dtype=cache_dtype, device=p.device)
+        self.scheduler = Scheduler(self.cache)
+        self._ids = itertools.count()
+        self._step_lock = threading.Lock()
+        self._bg: threading.Thread | None = None
+        self._bg_wake = threading.Event()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               on_delta: Callable[[str, Request], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step with a free slot.
+
+        on_delta(text_delta, request) is called from the stepping thread after each token that adds
+        text, and once more (possibly with "") when the request finishes.
+        """
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        k = params.experts_per_token
+        cfg = self.model.config
+        if k is not None and cfg.is_moe and not 1 <= k <= cfg.num_experts:
+            raise ValueError(f"SamplingParams.experts_per_token must be in [1, {cfg.num_experts}], got {k}")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, stop_ids, self.tokenizer, on_delta,
+                      experts_per_token=k, active_params_per_token=self.active_params_per_token(k))
+        req.init_counts(self.vocab)
+        self.scheduler.add(req)
+        self._bg_wake.set()
+        return req
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the Engine a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+            if self.tokenizer.bos_token_id is not None and (not ids or ids[0] != self.tokenizer.bos_token_id):
+                ids = [self.tokenizer.bos_token_id] + ids
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(ids) > self.cache.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the engine's max_len is {self.cache.max_len}")
+        if min(ids) < 0 or max(ids) >= self.vocab:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab}), got min {min(ids)} max {max(ids)}")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (finish_reason "abort"); returns whether it was found."""
+        req = self.scheduler.find(request_id)
+        if req is None:
+            return False
+        req.abort()
+        return True
+
+    def active_params_per_token(self, k: int | None = None) -> int:
+        """Non-embedding parameters one token touches with k routed experts per MoE layer (+ LM head)."""
+        pc = self.model.count_params()
+        active = pc.active + pc.lm_head
+        if k is not None:
+            for m in self.model.moe_layers():
+                active -= (m.router.top_k - k) * m.experts.params_per_expert
+        return active
+
+    # ---------------------------------------------------------------------- steps
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Run one engine step (see the module plan); returns the requests that finished in it."""
+        with self._step_lock:
+            new = self.scheduler.admit()
+            for req in new:
+                self._prefill(req)
+            fresh = {id(r) for r in new}
+            decode = [r for r in self.scheduler.running if not r.finished and id(r) not in fresh]
+            for group in self._groups(decode):
+                self._decode(group)
+            return self.scheduler.release_finished()
+
+    def _groups(self, reqs: list[Request]) -> list[list[Request]]:
+        if self.deterministic:
+            return [[r] for r in reqs]
+        by_k: dict[int | None, list[Request]] = {}
+        for r in reqs:
+            by_k.setdefault(r.experts_per_token, []).append(r)
+        return list(by_k.values())
+
+    def _prefill(self, req: Request) -> None:
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        out = self.model.forward_aux(ids, cache=self.cache.view([req.slot]), top_k=req.experts_per_token,
+                                     last_only=True)
+        self._sample([req], out.logits[:, -1])
+
+    def _decode(self, reqs: list[Request]) -> None:
+        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], dtype=torch.long, device=self.device)
+        view = self.cache.view([r.slot for r in reqs])
+        out = self.model.forward_aux(ids, cache=view, top_k=reqs[0].experts_per_token, last_only=True)
+        self._sample(reqs, out.logits[:, -1])
+
+    def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> None:
+        logits_BV = logits_BV.float().cpu()
+        plain = [i for i, r in enumerate(reqs) if r.params.greedy and not r.needs_penalties]
+        tokens: dict[int, int] = {}
+        if plain:  # one batched argmax for the plain greedy rows
+            for i, t in zip(plain, logits_BV[plain].argmax(-1).tolist(), strict=True):
+                tokens[i] = t
+        for i, r in enumerate(reqs):
+            if i not in tokens:
+                tokens[i] = sample_row(logits_BV[i], r.params, r.generator, r.prompt_counts, r.output_counts)
+            lp, top = (token_logprobs(logits_BV[i], tokens[i], r.params.logprobs)
+                       if r.params.logprobs is not None else (None, None))
+            r.append(tokens[i], self.cache.max_len, lp, top)
+
+    # -------------------------------------------------------------- front ends
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion (continuous batching when there are more than max_batch)."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while any(not r.finished for r in reqs):
+            self.step()
+        return [r.completion() for r in reqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one request while stepping the engine (other requests advance too)."""
+        deltas: list[str] = []
+        req = self.submit(prompt, params, on_delta=lambda d, _r: deltas.append(d))
+        while True:
+            if not req.finished:
+                self.step()
+            while deltas:
+                d = deltas.pop(0)
+                if d:
+                    yield d
+            if req.finished:
+                return
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[tuple[str, Request]]:
+        """Async text deltas for servers: a background thread steps the engine while requests run.
+
+        Yields (delta, request); after the last one `request.finished` is True and
+        `request.completion()` holds the result.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def push(delta: str, r: Request) -> None:  # runs on the stepping thread
+            loop.call_soon_threadsafe(queue.put_nowait, (delta, r.finished))
+
+        req = self.submit(prompt, params, on_delta=push)
+        self._ensure_background()
+        try:
+            while True:
+                delta, last = await queue.get()
+                yield delta, req
+                if last:
+                    return
+        finally:
+            if not req.finished:
+                self.abort(req.request_id)
+
+    def _ensure_background(self) -> None:
+        if self._bg is not None and self._bg.is_alive():
+            return
+        self._bg = threading.Thread(target=self._background_loop, name="moesaic-engine", daemon=True)
+        self._bg.start()
+
+    def _background_loop(self) -> None:
+        while True:
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception:  # fail the requests rather than leave their streams hanging
+                    import logging
+
+                    logging.getLogger("moesaic.engine").exception("engine step failed; aborting requests")
+                    for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        r.abort()
+                    self.scheduler.waiting.clear()
+                    self.scheduler.release_finished()
+            else:
+                self._bg_wake.clear()
+                if not self.scheduler.has_work():
+                    self._bg_wake.wait(timeout=1.0)
