@@ -47,10 +47,10 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        if self.qk_norm == "full":  # OLMoE: normalise over all heads, then clip (transformers' order)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.hd)
         k = k.view(b, t, self.n_kv, self.hd)
         if self.qk_norm == "head":
