@@ -125,6 +125,9 @@ def _register_builtin() -> None:
 
     register(Backend("reference", reference.moe_experts_reference, priority=0))
     register(Backend("sorted", sorted_backend.moe_experts_sorted, priority=10))
+    from moesaic.kernels import triton as tb  # lazy: Triton itself loads on the first call
+
+    register(Backend("triton", tb.moe_experts_triton, available=tb.available, supports=tb.supports, priority=20))
     # importing the submodule bound `sorted` in this package's namespace, shadowing the builtin
     globals().pop("sorted", None)
 

@@ -1,0 +1,162 @@
+"""Per-shape launch configurations, tuned once and cached as JSON keyed by shape and device.
+
+Key: "T{bucket}_D{D}_F{F}_E{E}_K{K}_{dtype}" where bucket is T rounded up to a power of two; one
+JSON file per device name (e.g. configs/NVIDIA_H200.json). Lookup order: the user cache
+($MOESAIC_CACHE_DIR or ~/.cache/moesaic, subfolder triton/), then the files shipped in
+kernels/triton/configs/. On a miss on a GPU the shape is tuned (a few seconds: each candidate is
+timed on random routing of that size) and written to the user cache, unless
+MOESAIC_TRITON_AUTOTUNE=0, in which case `launch.heuristic` answers. Tuning is staged: for each row
+block BM, the w13 GEMM's candidates with a fixed w2 config, then the w2 GEMM's with the best w13 one;
+for few pairs the decode path is timed the same way and the fastest of all wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moesaic.kernels.triton import launch
+from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
+
+PACKAGED_DIR = Path(__file__).parent / "configs"
+DECODE_MAX_PAIRS = 64  # the decode path is considered only up to this many (token, expert) pairs
+_MEMO: dict[tuple[str, str], MoEConfig] = {}
+_TABLES: dict[Path, dict] = {}
+
+
+def t_bucket(t: int) -> int:
+    return 1 << max(0, (max(t, 1) - 1).bit_length())
+
+
+def shape_key(t: int, d: int, f: int, e: int, k: int, dtype: torch.dtype) -> str:
+    return f"T{t_bucket(t)}_D{d}_F{f}_E{e}_K{k}_{str(dtype).replace('torch.', '')}"
+
+
+def device_tag(device: torch.device | None = None) -> str:
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def user_dir() -> Path:
+    root = os.environ.get("MOESAIC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moesaic")
+    return Path(root) / "triton"
+
+
+def _read(path: Path) -> dict:
+    if path not in _TABLES:
+        try:
+            _TABLES[path] = json.loads(path.read_text())["entries"]
+        except (OSError, ValueError, KeyError):
+            _TABLES[path] = {}
+    return _TABLES[path]
+
+
+def write_entry(path: Path, key: str, cfg: MoEConfig, time_us: float, device: str) -> None:
+    """Add one tuned entry to a JSON table (atomic: temp file + fsync + rename)."""
+    table = dict(_read(path))
+    table[key] = {**cfg.to_dict(), "time_us": round(time_us, 2)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"device": device, "entries": dict(sorted(table.items()))}, indent=1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _TABLES[path] = table
+
+
+def lookup(key: str, tag: str) -> MoEConfig | None:
+    for path in (user_dir() / f"{tag}.json", PACKAGED_DIR / f"{tag}.json"):
+        entry = _read(path).get(key)
+        if entry is not None:
+            return MoEConfig.from_dict(entry)
+    return None
+
+
+def get_config(t: int, d: int, f: int, e: int, k: int, dtype: torch.dtype, device: torch.device) -> MoEConfig:
+    """The launch configuration for this shape on this device (tuning it on first use if allowed)."""
+    tag = device_tag(device) if device.type == "cuda" else "cpu"
+    key = shape_key(t, d, f, e, k, dtype)
+    cfg = _MEMO.get((tag, key))
+    if cfg is not None:
+        return cfg
+    cfg = lookup(key, tag)
+    if cfg is None:
+        if device.type == "cuda" and os.environ.get("MOESAIC_TRITON_AUTOTUNE", "1") != "0":
+            cfg, us = tune(t_bucket(t), d, f, e, k, dtype, device)
+            write_entry(user_dir() / f"{tag}.json", key, cfg, us, torch.cuda.get_device_name(device))
+        else:
+            cfg = launch.heuristic(t, d, f, e, k)
+    _MEMO[(tag, key)] = cfg
+    return cfg
+
+
+def random_problem(t, d, f, e, k, dtype, device, seed=0):
+    """Inputs of a shape with softmax routing over random logits (what tuning and benchmarks time)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, d, device=device, dtype=dtype, generator=g)
+    w13 = torch.randn(e, 2 * f, d, device=device, dtype=dtype, generator=g) * d ** -0.5
+    w2 = torch.randn(e, d, f, device=device, dtype=dtype, generator=g) * f ** -0.5
+    logits = torch.randn(t, e, device=device, dtype=torch.float32, generator=g)
+    w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+    return x, w13, w2, ids, w / w.sum(-1, keepdim=True)
+
+
+def _time_us(cfg: MoEConfig, args) -> float:
+    import triton.testing
+
+    from moesaic.kernels.triton.ops import forward_decode, forward_grouped
+
+    if cfg.path == "decode":
+        def fn():
+            return forward_decode(*args, cfg)
+    else:
+        def fn():
+            return forward_grouped(*args, cfg, save=False)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception:  # a config the chip cannot run (shared memory, registers) is skipped
+        torch.cuda.synchronize()
+        return float("inf")
+
+
+def _stage(make, cands, args) -> tuple[MoEConfig, float]:
+    best = (None, float("inf"))
+    for c in cands:
+        cfg = make(c)
+        us = _time_us(cfg, args)
+        if us < best[1]:
+            best = (cfg, us)
+    return best
+
+
+def tune(t, d, f, e, k, dtype, device) -> tuple[MoEConfig, float]:
+    """Time the candidate configs on a random problem of this shape; -> (best config, its time in us)."""
+    args = random_problem(t, d, f, e, k, dtype, device)
+    best: tuple[MoEConfig | None, float] = (None, float("inf"))
+    for bm in launch.bm_candidates(t, e, k):
+        g2 = launch.gemm_candidates(bm, "gemm2")[0]
+        c1, _ = _stage(lambda g, bm=bm, g2=g2: MoEConfig("grouped", bm, g, g2), launch.gemm_candidates(bm, "gemm1"), args)
+        if c1 is None:
+            continue
+        c2 = _stage(lambda g, c1=c1: MoEConfig("grouped", c1.bm, c1.gemm1, g), launch.gemm_candidates(bm, "gemm2"), args)
+        if c2[1] < best[1]:
+            best = c2
+    if t * k <= DECODE_MAX_PAIRS:
+        g2 = launch.decode_candidates("gemm2")[1]
+        c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2), launch.decode_candidates("gemm1"), args)
+        if c1 is not None:
+            c2 = _stage(lambda g: MoEConfig("decode", 1, c1.gemm1, g), launch.decode_candidates("gemm2"), args)
+            if c2[1] < best[1]:
+                best = c2
+    if best[0] is None:
+        raise RuntimeError(f"moesaic triton autotune: no candidate ran for T={t} D={d} F={f} E={e} K={k}")
+    return best

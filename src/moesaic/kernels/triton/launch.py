@@ -1,0 +1,95 @@
+"""Launch configurations for the Triton MoE kernels, and the heuristic used before a shape is tuned.
+
+A `MoEConfig` fixes the path ("grouped": align + two grouped GEMMs + combine; "decode": two
+matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, and one
+`GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PATHS = ("grouped", "decode")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    bn: int
+    bk: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    path: str
+    bm: int
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"MoEConfig.path must be one of {PATHS}, got {self.path!r}")
+        for name, v in (("bm", self.bm), ("gemm1.bn", self.gemm1.bn), ("gemm1.bk", self.gemm1.bk),
+                        ("gemm2.bn", self.gemm2.bn), ("gemm2.bk", self.gemm2.bk)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"MoEConfig.{name} must be a power of two, got {v}")
+        if self.path == "grouped" and self.bm < 16:
+            raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> MoEConfig:
+        return MoEConfig(path=d["path"], bm=int(d["bm"]), gemm1=GemmConfig(**d["gemm1"]),
+                         gemm2=GemmConfig(**d["gemm2"]))
+
+
+def rows_per_expert(t: int, e: int, k: int) -> float:
+    return t * k / e
+
+
+def bm_candidates(t: int, e: int, k: int) -> list[int]:
+    """Row-block sizes worth trying for ~t*k/e rows per expert."""
+    r = rows_per_expert(t, e, k)
+    if r <= 16:
+        return [16]
+    if r <= 48:
+        return [16, 32]
+    if r <= 128:
+        return [32, 64]
+    return [64, 128]
+
+
+def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
+    """A reasonable untuned choice (used on a cache miss when tuning is off, and on CPU)."""
+    if t * k <= 16:
+        return MoEConfig("decode", 1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 3))
+    bm = bm_candidates(t, e, k)[-1]
+    if bm <= 32:
+        g = GemmConfig(64, 128, 4, 4, 4)
+        return MoEConfig("grouped", bm, g, g)
+    return MoEConfig("grouped", bm, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+
+
+def gemm_candidates(bm: int, which: str) -> list[GemmConfig]:
+    """Configs the autotuner tries for one grouped GEMM at row block bm (which: "gemm1" or "gemm2")."""
+    if bm <= 32:
+        c = [GemmConfig(64, 128, 4, 4, 4), GemmConfig(128, 64, 4, 4, 4), GemmConfig(128, 128, 4, 8, 3),
+             GemmConfig(32, 256, 4, 4, 3)]
+        return c if which == "gemm1" else c + [GemmConfig(64, 256, 4, 4, 3)]
+    if which == "gemm1":  # two accumulators (gate, up): half the columns of gemm2 for the same registers
+        return [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
+                GemmConfig(64, 128, 8, 8, 3)]
+    return [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
+            GemmConfig(128, 128, 8, 8, 3)]
+
+
+def decode_candidates(which: str) -> list[GemmConfig]:
+    if which == "gemm1":
+        return [GemmConfig(16, 256, 1, 4, 3), GemmConfig(32, 128, 1, 4, 4), GemmConfig(32, 256, 1, 4, 3),
+                GemmConfig(64, 128, 1, 4, 3), GemmConfig(8, 512, 1, 4, 3)]
+    return [GemmConfig(8, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 3), GemmConfig(16, 512, 1, 4, 3),
+            GemmConfig(32, 128, 1, 4, 4), GemmConfig(32, 256, 1, 4, 3)]

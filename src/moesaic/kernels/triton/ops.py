@@ -1,0 +1,192 @@
+"""Forward and backward of the Triton MoE experts, and the autograd.Function tying them together.
+
+Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K pairs,
+P padded sorted rows.
+
+Forward (grouped path):
+ 1. align: sort pairs by expert, pad each expert to BM rows            (align.py, 1-3 launches)
+ 2. act_PF = SwiGLU(x[tok] @ w13[e].T)                                  (w13_swiglu_kernel)
+ 3. o_ND[pair] = act_PF @ w2[e].T                                       (grouped_mm_kernel)
+ 4. y_TD = sum_k w[t,k] * o_ND[t*K+k]                                   (combine_kernel)
+Forward (decode path): decode_w13 then decode_w2 with the combine fused (decode.py).
+Backward (always grouped; training batches are large):
+ dw[t,k] = <dy[t], o[t*K+k]>
+ dh_PG   = SwiGLU'(h_PG) * (w[pair] * dy[tok] @ w2[e])                  (grouped_mm, SWIGLU_BWD)
+ dx_TD   = sum_k dh_PG[row(t,k)] @ w13[e]                               (grouped_mm + combine)
+ dw13[e] = dh_PG[rows of e].T @ x[tok]    dw2[e] = (w * dy[tok]).T @ act_PF[rows of e]   (wgrad)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from moesaic.kernels.triton import decode as dk
+from moesaic.kernels.triton import grouped_gemm as gk
+from moesaic.kernels.triton.align import Alignment, align
+from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _grid_mm(al: Alignment, ncols: int, bn: int) -> tuple[int]:
+    return (al.max_blocks * triton.cdiv(ncols, bn),)
+
+
+def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool):
+    """-> (act_PF, h_PG or None)."""
+    e, gg, d = w13_EGD.shape
+    f = gg // 2
+    p = al.sorted_ids_P.shape[0]
+    act = torch.empty((p, f), dtype=x_TD.dtype, device=x_TD.device)
+    h = torch.empty((p, gg), dtype=x_TD.dtype, device=x_TD.device) if save_h else act
+    gk.w13_swiglu_kernel[_grid_mm(al, f, g.bn)](
+        x_TD, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
+        al.max_blocks, e, d, f, topk, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
+        h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
+        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, num_warps=g.num_warps, num_stages=g.num_stages)
+    return act, (h if save_h else None)
+
+
+def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int, kd: int, g: GemmConfig, *,
+           a_gather: bool, out_pair: bool, w_N=None, h_PG=None):
+    """C = A[rows] @ B[e] for every block; see grouped_mm_kernel for the modes."""
+    se, sk, sn = b_strides
+    w = w_N if w_N is not None else out
+    h = h_PG if h_PG is not None else out
+    gk.grouped_mm_kernel[_grid_mm(al, ncols, g.bn)](
+        a, b_ptr_tensor, out, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w, h,
+        al.max_blocks, b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
+        h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
+        OUT_PAIR=out_pair, SCALE_W=w_N is not None, SWIGLU_BWD=h_PG is not None,
+        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, num_warps=g.num_warps, num_stages=g.num_stages)
+
+
+def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype) -> torch.Tensor:
+    y = torch.empty((t, d), dtype=dtype, device=o_ND.device)
+    if t == 0:
+        return y
+    bd = min(1024, triton.next_power_of_2(d))
+    gk.combine_kernel[(t, triton.cdiv(d, bd))](
+        o_ND, ids_N, w_N if w_N is not None else o_ND, y, d, topk, o_ND.stride(0), y.stride(0),
+        USE_W=w_N is not None, BD=bd, num_warps=4)
+    return y
+
+
+def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: bool):
+    """-> (y_TD, saved tuple or None)."""
+    t, d = x_TD.shape
+    e, gg, _ = w13_EGD.shape
+    f = gg // 2
+    k = ids_TK.shape[1]
+    ids_N = ids_TK.reshape(-1)
+    w_N = w_TK.reshape(-1)
+    al = align(ids_TK, e, cfg.bm)
+    act, h = run_w13(x_TD, w13_EGD, al, k, cfg.gemm1, save)
+    # rows of dropped pairs are never written; zero them only when backward reads o (for dw)
+    o = (torch.zeros if save else torch.empty)((t * k, d), dtype=x_TD.dtype, device=x_TD.device)
+    run_mm(act, w2_EDF, (w2_EDF.stride(0), w2_EDF.stride(2), w2_EDF.stride(1)), o, al, k, d, f, cfg.gemm2,
+           a_gather=False, out_pair=True)
+    y = run_combine(o, ids_N, w_N, t, d, k, x_TD.dtype)
+    return y, ((al, act, h, o) if save else None)
+
+
+def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch.Tensor:
+    t, d = x_TD.shape
+    e, gg, _ = w13_EGD.shape
+    f = gg // 2
+    k = ids_TK.shape[1]
+    ids_N = ids_TK.reshape(-1)
+    act = torch.empty((t * k, f), dtype=torch.float32, device=x_TD.device)
+    y = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
+    if t == 0:
+        return y
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    dk.decode_w13_kernel[(t * k, triton.cdiv(f, g1.bn))](
+        x_TD, w13_EGD, ids_N, act, d, f, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
+        BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, num_warps=g1.num_warps, num_stages=g1.num_stages)
+    dk.decode_w2_kernel[(t, triton.cdiv(d, g2.bn))](
+        act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, k, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
+        BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
+    return y
+
+
+def _bwd_gemm(bm: int) -> GemmConfig:
+    # backward launches are not tuned yet: one config per row block (training batches use bm >= 64)
+    return GemmConfig(64, 128, 4, 4, 4) if bm <= 32 else GemmConfig(128, 64, 8, 8, 3)
+
+
+def _run_wgrad(l, r, dw, al: Alignment, topk: int, w_N, *, l_gather: bool, r_gather: bool):
+    e, ni, nj = dw.shape
+    bi, bj, br = 128, 128, 32
+    gk.wgrad_kernel[(e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),)](
+        l, r, dw, al.sorted_ids_P, al.off_E1, al.counts_E, w_N if w_N is not None else l,
+        ni, nj, topk, l.stride(0), r.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+        BI=bi, BJ=bj, BR=br, L_GATHER=l_gather, L_SCALE=w_N is not None, R_GATHER=r_gather,
+        DOT_F32=_dot_f32(l.dtype), num_warps=8, num_stages=3)
+
+
+def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
+    """-> (dx, dw13, dw2, dweights) (None where not needed)."""
+    al, act, h, o = saved
+    t, d = x_TD.shape
+    e, gg, _ = w13_EGD.shape
+    f = gg // 2
+    k = ids_TK.shape[1]
+    ids_N = ids_TK.reshape(-1)
+    w_N = w_TK.reshape(-1)
+    dy = dy_TD.contiguous()
+    g = _bwd_gemm(al.block_m)
+    dx = dw13 = dw2 = dwt = None
+    if needs[4]:
+        dwt = (dy.float().unsqueeze(1) * o.view(t, k, d).float()).sum(-1)
+        dwt = torch.where(ids_TK >= 0, dwt, torch.zeros_like(dwt)).to(w_TK.dtype)
+    if needs[0] or needs[1]:
+        dh = torch.empty_like(h)
+        run_mm(dy, w2_EDF, (w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2)), dh, al, k, f, d, g,
+               a_gather=True, out_pair=False, w_N=w_N, h_PG=h)
+        if needs[0]:
+            dxn = torch.empty((t * k, d), dtype=x_TD.dtype, device=x_TD.device)
+            run_mm(dh, w13_EGD, (w13_EGD.stride(0), w13_EGD.stride(1), w13_EGD.stride(2)), dxn, al, k, d, gg,
+                   g, a_gather=False, out_pair=True)
+            dx = run_combine(dxn, ids_N, None, t, d, k, x_TD.dtype)
+        if needs[1]:
+            dw13 = torch.empty_like(w13_EGD)
+            _run_wgrad(dh, x_TD, dw13, al, k, None, l_gather=False, r_gather=True)
+    if needs[2]:
+        dw2 = torch.empty_like(w2_EDF)
+        _run_wgrad(dy, act, dw2, al, k, w_N, l_gather=True, r_gather=False)
+    return dx, dw13, dw2, dwt
+
+
+class TritonMoEFunction(torch.autograd.Function):
+    """moe_experts with a grouped-GEMM backward; inputs are made contiguous by the caller."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, train_cfg: MoEConfig):
+        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+        if not needs_grad:
+            if cfg.path == "decode":
+                return forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
+            return forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg, save=False)[0]
+        y, saved = forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, train_cfg, save=True)
+        ctx.saved_align = saved
+        ctx.save_for_backward(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x, w13, w2, ids, w = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], False,
+                 ctx.needs_input_grad[4])
+        dx, dw13, dw2, dwt = backward_grouped(dy_TD, x, w13, w2, ids, w, ctx.saved_align, needs)
+        del ctx.saved_align
+        return dx, dw13, dw2, None, dwt, None, None
