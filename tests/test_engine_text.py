@@ -91,10 +91,11 @@ def test_async_stream_runs_requests_concurrently(model, tokenizer):
     want = [c.text for c in eng.generate(["the quick", "experts"], sp)]
 
     async def collect(prompt):
-        parts, req = [], None
+        parts, reqs = [], []
         async for delta, req in eng.astream(prompt, sp):
             parts.append(delta)
-        return "".join(parts), req
+            reqs.append(req)
+        return "".join(parts), reqs[-1]
 
     async def main():
         return await asyncio.gather(collect("the quick"), collect("experts"))

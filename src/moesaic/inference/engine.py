@@ -38,14 +38,14 @@ class Engine:
         backend: MoE kernels backend for every MoE layer (None: keep what the layers have).
         dtype: cast the model to this dtype first (e.g. torch.bfloat16); None keeps it.
         quantize: "int8" replaces the expert weights by int8 + per-output-channel scales (see
-            inference.quantize); None keeps them.
+            inference.quantize); None keeps them. quantize_linears: also attention, dense FFNs, LM head.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
             its batch-mates (slower: weights are read once per row instead of once per step).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
-                 quantize_attention: bool = False, deterministic: bool = False) -> None:
+                 quantize_linears: bool = False, deterministic: bool = False) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
         cfg = model.config
@@ -58,16 +58,16 @@ class Engine:
         if quantize is not None:
             from moesaic.inference.quantize import quantize_model
 
-            quantize_model(self.model, quantize, attention=quantize_attention)
+            quantize_model(self.model, quantize, linears=quantize_linears)
         if backend is not None:
             self.model.set_moe_backend(backend)
         self.tokenizer = tokenizer
         self.deterministic = deterministic
         self.vocab = cfg.vocab_size
-        p = next(self.model.parameters())
-        cache_dtype = self.model.embed.weight.dtype if p.dtype == torch.int8 else p.dtype
-        self.device = p.device
+        p = self.model.embed.weight
+        cache_dtype = p.dtype
         self.cache = SlotCache.for_model(cfg, max_batch, max_len, dtype=cache_dtype, device=p.device)
+        self.device = p.device
         self.scheduler = Scheduler(self.cache)
         self._ids = itertools.count()
         self._step_lock = threading.Lock()

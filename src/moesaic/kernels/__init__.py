@@ -128,6 +128,10 @@ def _register_builtin() -> None:
     from moesaic.kernels import triton as tb  # lazy: Triton itself loads on the first call
 
     register(Backend("triton", tb.moe_experts_triton, available=tb.available, supports=tb.supports, priority=20))
+    from moesaic.kernels import quant  # int8 weight-only experts (inference); only for Int8Weight inputs
+
+    register(Backend("int8", quant.moe_experts_int8, supports=lambda h, w: isinstance(w, quant.Int8Weight),
+                     priority=30))
     # importing the submodule bound `sorted` in this package's namespace, shadowing the builtin
     globals().pop("sorted", None)
 

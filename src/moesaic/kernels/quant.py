@@ -1,0 +1,149 @@
+"""int8 weight-only formats: symmetric per-output-channel scales, no full dequantized copy.
+
+Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K rows,
+M rows of a linear, I its input features, O its output features.
+
+    w[..., o, i] ~= q[..., o, i] * scale[..., o],   q int8 in [-127, 127],  scale = max|w[..., o, :]| / 127
+
+`Int8Weight` stands in for a stacked expert tensor w13_EGD / w2_EDF in `moe_experts`: it has the
+same `.shape`, and `w[e]` dequantizes one expert only, so the `reference` and `sorted` backends
+still run on a quantized model (one expert's copy at a time). The `int8` backend never dequantizes:
+each expert's rows go through `int8_linear`, which on CPU uses torch's int8-weight matmul
+(`torch._weight_int8pack_mm`, bf16 activations: the fast kernel takes bf16) and elsewhere converts
+one matrix at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moesaic.kernels.reference import swiglu
+from moesaic.kernels.sorted import sort_by_expert
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., O, I] float -> (q [..., O, I] int8, scale [..., O] in w's dtype); rows of zeros get scale 1."""
+    if not w.dtype.is_floating_point:
+        raise ValueError(f"quantize_int8 expects a float tensor, got {w.dtype}")
+    amax = w.detach().abs().amax(dim=-1).float()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w.detach().float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(w.dtype)
+
+
+def _fast_int8_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
+    # the CPU kernel crashes for input widths that are not a multiple of 16 and rejects empty inputs
+    return (x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm") and x.shape[0] > 0
+            and q.shape[-1] % 16 == 0 and q.is_contiguous())
+
+
+def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """y = x @ (q * scale[:, None]).T, returned in x's dtype."""
+    if _fast_int8_ok(x_MI, q_OI):
+        y = torch._weight_int8pack_mm(x_MI.to(torch.bfloat16).contiguous(), q_OI, scale_O.to(torch.bfloat16))
+        return y.to(x_MI.dtype)
+    return (x_MI @ q_OI.to(x_MI.dtype).t()) * scale_O.to(x_MI.dtype)
+
+
+class Int8Weight:
+    """A stacked int8 weight q [E, O, I] with scales [E, O], shaped like the float tensor it replaces."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        if q.dtype != torch.int8 or scale.shape != q.shape[:-1]:
+            raise ValueError(f"Int8Weight needs int8 q [..., O, I] and scale [..., O]; got {q.dtype} "
+                             f"{tuple(q.shape)} and {tuple(scale.shape)}")
+        self.q, self.scale = q, scale
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def dim(self) -> int:
+        return self.q.dim()
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        """Expert e dequantized ([O, I] in the scale dtype): one expert's copy, for the float backends."""
+        return self.q[e].to(self.scale.dtype) * self.scale[e][:, None]
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole float tensor (tests and export only)."""
+        return self.q.to(self.scale.dtype) * self.scale[..., None]
+
+
+def moe_experts_int8(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8Weight,
+                     expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """`moe_experts` on int8 expert weights: sort by expert, int8 matmuls per non-empty expert, scatter-add."""
+    if not isinstance(w13_EGD, Int8Weight) or not isinstance(w2_EDF, Int8Weight):
+        raise ValueError("the int8 MoE backend needs Int8Weight expert weights; quantize the model first "
+                         "(moesaic.inference.quantize.quantize_model(model, 'int8'))")
+    k = expert_ids_TK.shape[1]
+    order_N, counts_E, n_dropped = sort_by_expert(expert_ids_TK, w13_EGD.shape[0])
+    order_N = order_N[n_dropped:]
+    token_N = order_N // k
+    x_ND = hidden_TD[token_N]
+    acc = torch.promote_types(hidden_TD.dtype, torch.float32)
+    y_ND = torch.empty(x_ND.shape, dtype=acc, device=hidden_TD.device)
+    start = 0
+    for e, c in enumerate(counts_E.tolist()):
+        if c == 0:
+            continue
+        h = swiglu(int8_linear(x_ND[start:start + c], w13_EGD.q[e], w13_EGD.scale[e]))
+        y_ND[start:start + c] = int8_linear(h, w2_EDF.q[e], w2_EDF.scale[e])
+        start += c
+    w_N = weights_TK.reshape(-1)[order_N].to(acc)
+    out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
+    out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
+    return out_TD.to(hidden_TD.dtype)
+
+
+class Int8Experts(nn.Module):
+    """Drop-in for model.experts.RoutedExperts holding int8 w13/w2 (+ scales); `.w13`/`.w2` give Int8Weight."""
+
+    def __init__(self, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor) -> None:
+        super().__init__()
+        q13, s13 = quantize_int8(w13_EGD)
+        q2, s2 = quantize_int8(w2_EDF)
+        # int8 parameters (frozen) so parameter counts still see the experts; scales are buffers
+        self.q13 = nn.Parameter(q13, requires_grad=False)
+        self.q2 = nn.Parameter(q2, requires_grad=False)
+        self.register_buffer("s13", s13)
+        self.register_buffer("s2", s2)
+
+    @property
+    def w13(self) -> Int8Weight:
+        return Int8Weight(self.q13, self.s13)
+
+    @property
+    def w2(self) -> Int8Weight:
+        return Int8Weight(self.q2, self.s2)
+
+    @property
+    def num_experts(self) -> int:
+        return self.q13.shape[0]
+
+    @property
+    def params_per_expert(self) -> int:
+        return self.q13[0].numel() + self.q2[0].numel()
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for nn.Linear with an int8 weight [O, I] and per-output-channel scales [O]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, s = quantize_int8(linear.weight)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("scale", s)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
