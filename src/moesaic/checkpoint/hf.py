@@ -86,6 +86,8 @@ def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module its own storage: tie again
+        model.lm_head.weight = model.embed.weight
     for name, p in model.named_parameters():
         if name.endswith(FP32_SUFFIXES):
             p.data = torch.empty(p.shape, dtype=torch.float32, device=device)
