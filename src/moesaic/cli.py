@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from moesaic.commands import info
+from moesaic.commands import export, info
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="moesaic: sparse Mixture-of-Experts language models.")
@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 COMMANDS = {
     "info": info.info,
     "quickstart": info.quickstart,
+    "export": export.export,
 }
 
 for _name, _fn in COMMANDS.items():

@@ -1,0 +1,132 @@
+"""Export round trip: moesaic model -> HF folder -> transformers (same logits) -> moesaic.load (same logits)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moesaic import ModelConfig, build_model  # noqa: E402
+from moesaic.checkpoint import load  # noqa: E402
+from moesaic.checkpoint.archs import ArchError, for_export  # noqa: E402
+from moesaic.checkpoint.export import export_hf  # noqa: E402
+
+TRUNK = dict(vocab_size=80, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64, ffn=48)
+CASES: dict[str, tuple[str, dict]] = {
+    "MixtralForCausalLM": ("tiny", dict(rope_theta=1e6)),
+    "Qwen3MoeForCausalLM": ("", dict(**TRUNK, num_experts=6, top_k=2, expert_ffn=16, qk_norm="head",
+                                      normalize_topk=False, mlp_only_layers=[1], tie_embeddings=True)),
+    "Qwen2MoeForCausalLM": ("", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, num_shared_experts=1,
+                                      shared_ffn=24, shared_expert_gate=True, qkv_bias=True, first_dense_layers=1,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "OlmoeForCausalLM": ("", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, qk_norm="full", clip_qkv=0.2,
+                                   normalize_topk=False)),
+    "DeepseekV3ForCausalLM": ("", dict(**{**TRUNK, "n_kv_heads": 4}, attention="mla", q_lora_rank=12,
+                                        kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8,
+                                        rope_interleave=True, num_experts=8, top_k=3, expert_ffn=16,
+                                        num_shared_experts=2, shared_ffn=32, first_dense_layers=1,
+                                        router="sigmoid_topk", n_group=4, topk_group=2, normalize_topk=True,
+                                        routed_scaling_factor=1.5)),
+    "LlamaForCausalLM": ("", dict(**TRUNK, num_experts=0)),
+    "Qwen2ForCausalLM": ("", dict(**TRUNK, num_experts=0, qkv_bias=True)),
+    "Qwen3ForCausalLM": ("", dict(**TRUNK, num_experts=0, qk_norm="head")),
+}
+
+
+def make_model(arch: str, seed: int = 0):
+    preset, kw = CASES[arch]
+    cfg = ModelConfig.preset(preset, **kw) if preset else ModelConfig(**kw)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # larger weights than the training init: routing and norms matter
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(4.0)
+            else:
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("correction_bias"):
+                b.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_round_trip_through_transformers(arch, tmp_path):
+    model = make_model(arch)
+    assert for_export(model.config).name == arch
+    chosen = export_hf(model, tmp_path / "hf")
+    assert chosen.name == arch
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["architectures"] == [arch]
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(hf_model).__name__ == arch
+    ids = torch.randint(0, model.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, ref = model(ids), hf_model.eval()(ids).logits
+        back = load(tmp_path / "hf")(ids)
+    scale = float(ref.abs().max())
+    assert float((ours - ref).abs().max()) <= 1e-4 * scale, f"{arch}: {float((ours - ref).abs().max()):.2e}"
+    assert torch.equal(back, ours) or float((back - ours).abs().max()) <= 1e-6 * scale
+
+
+def test_sharded_bf16_export(tmp_path):
+    model = make_model("Qwen2MoeForCausalLM")
+    export_hf(model, tmp_path / "hf", dtype=torch.bfloat16, max_shard_bytes=30_000)
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-000") for f in files) > 2
+    assert not any(f.startswith(".") for f in files)
+    back = load(tmp_path / "hf")
+    assert back.embed.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 80, (1, 9))
+    with torch.no_grad():
+        ref = model.to(torch.bfloat16)(ids).float()
+        assert float((back(ids).float() - ref).norm() / ref.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("preset, blocker", [
+    ("small", "needs a gated shared expert"),        # GQA + ungated shared expert
+    ("deepseek-mini", "needs 'mla'"),                 # sigmoid routing with GQA attention
+    ("switch-mini", "capacity_factor"),               # token dropping
+])
+def test_inexpressible_models_name_the_blocker(preset, blocker, tmp_path):
+    model = build_model(ModelConfig.preset(preset, n_layers=2, d_model=64, vocab_size=64))
+    with pytest.raises(ArchError, match="no transformers architecture") as e:
+        export_hf(model, tmp_path / "hf")
+    assert blocker in str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_forced_arch_and_existing_folder(tmp_path):
+    model = make_model("LlamaForCausalLM")
+    with pytest.raises(ArchError, match="cannot export as MixtralForCausalLM: .*num_experts=0"):
+        export_hf(model, tmp_path / "a", arch="MixtralForCausalLM")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        export_hf(model, tmp_path / "b")
+    assert (tmp_path / "b" / "keep.txt").exists()
+
+
+def test_cli_export_of_a_run_folder(tmp_path):
+    from moesaic.checkpoint.native import write_model_files
+
+    model = make_model("MixtralForCausalLM")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_model_files(run, model)
+    cmd = [sys.executable, "-m", "moesaic.cli", "export", str(run), str(tmp_path / "hf"), "--format", "hf"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "MixtralForCausalLM" in res.stdout
+    ids = torch.randint(0, model.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "hf")(ids), model(ids), atol=1e-6)
+    bad = subprocess.run(cmd[:-1] + ["onnx"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--format must be one of" in bad.stderr
