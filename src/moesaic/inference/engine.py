@@ -55,6 +55,8 @@ class Engine:
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
+        if backend == "int8" and quantize is None:
+            quantize = "int8"  # the int8 backend computes what was quantized: ask for the format too
         if quantize is not None:
             from moesaic.inference.quantize import quantize_model
 

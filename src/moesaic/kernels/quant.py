@@ -77,10 +77,11 @@ class Int8Weight:
 
 def moe_experts_int8(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8Weight,
                      expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """`moe_experts` on int8 expert weights: sort by expert, int8 matmuls per non-empty expert, scatter-add."""
-    if not isinstance(w13_EGD, Int8Weight) or not isinstance(w2_EDF, Int8Weight):
-        raise ValueError("the int8 MoE backend needs Int8Weight expert weights; quantize the model first "
-                         "(moesaic.inference.quantize.quantize_model(model, 'int8'))")
+    """`moe_experts` on int8 expert weights: sort by expert, int8 matmuls per non-empty expert, scatter-add.
+
+    Float (not yet quantized) weights go through the same plan with plain matmuls: this backend does not
+    quantize on the fly (quantize the model once: moesaic.inference.quantize.quantize_model).
+    """
     k = expert_ids_TK.shape[1]
     order_N, counts_E, n_dropped = sort_by_expert(expert_ids_TK, w13_EGD.shape[0])
     order_N = order_N[n_dropped:]
@@ -92,13 +93,19 @@ def moe_experts_int8(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8W
     for e, c in enumerate(counts_E.tolist()):
         if c == 0:
             continue
-        h = swiglu(int8_linear(x_ND[start:start + c], w13_EGD.q[e], w13_EGD.scale[e]))
-        y_ND[start:start + c] = int8_linear(h, w2_EDF.q[e], w2_EDF.scale[e])
+        h = swiglu(_expert_linear(x_ND[start:start + c], w13_EGD, e))
+        y_ND[start:start + c] = _expert_linear(h, w2_EDF, e)
         start += c
     w_N = weights_TK.reshape(-1)[order_N].to(acc)
     out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
     out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
     return out_TD.to(hidden_TD.dtype)
+
+
+def _expert_linear(x_MI: torch.Tensor, w: Int8Weight | torch.Tensor, e: int) -> torch.Tensor:
+    if isinstance(w, Int8Weight):
+        return int8_linear(x_MI, w.q[e], w.scale[e])
+    return x_MI @ w[e].t()
 
 
 class Int8Experts(nn.Module):
