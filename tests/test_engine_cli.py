@@ -1,0 +1,65 @@
+"""`moesaic generate` on a run folder: stdout carries only the generated text, equal to the engine's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from typer.testing import CliRunner
+
+from moesaic import ModelConfig, build_model
+from moesaic.inference import Engine, SamplingParams
+from moesaic.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from moesaic.checkpoint.native import write_model_files
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, experts route tokens. " * 10],
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = Tokenizer(tok, eos_token_ids=[tok.token_to_id("<eos>")])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    folder = tmp_path_factory.mktemp("run")
+    write_model_files(folder, model, tokenizer)
+    return folder, model, tokenizer
+
+
+def _app():
+    import typer
+
+    from moesaic.commands.generate import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    return app
+
+
+def test_generate_prints_only_text(run_folder):
+    folder, model, tokenizer = run_folder
+    want = Engine(model, tokenizer).generate(["hello"], SamplingParams(max_tokens=6, temperature=0))[0].text
+    res = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "6", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == want + "\n"
+    assert "tokens/s" in res.stderr
+    res = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "6", "--dtype", "float32",
+                                      "--stream"])
+    assert res.exit_code == 0 and res.stdout == want + "\n"
+
+
+def test_generate_int8_and_experts_per_token(run_folder):
+    folder, _, _ = run_folder
+    res = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "4", "--quantize", "int8",
+                                      "--experts-per-token", "1", "--temperature", "0.8", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    again = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "4", "--quantize", "int8",
+                                        "--experts-per-token", "1", "--temperature", "0.8", "--seed", "3"])
+    assert again.stdout == res.stdout
+    bad = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--quantize", "int4"])
+    assert bad.exit_code != 0 and "int8" in str(bad.exception)
