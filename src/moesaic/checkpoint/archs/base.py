@@ -74,6 +74,12 @@ class HFConfig:
             v = self.defaults.get(key, default)
         return v
 
+    def require(self, key: str) -> Any:
+        v = self.get(key)
+        if v is None:
+            raise self.fail(f"config.json lacks {key!r}")
+        return v
+
     def first(self, *keys: str, default: Any = None) -> Any:
         for k in keys:
             if self.d.get(k) is not None:
@@ -130,7 +136,7 @@ def trunk_fields(h: HFConfig) -> dict[str, Any]:
         raise h.fail(f"hidden_act={act!r} is not supported (moesaic FFNs are SwiGLU: silu)")
     if h.get("mlp_bias", False):
         raise h.fail("mlp_bias=True is not supported (moesaic FFNs have no biases)")
-    n_heads = int(h.get("num_attention_heads"))
+    n_heads = int(h.require("num_attention_heads"))
     max_pos = int(h.get("max_position_embeddings", 4096))
     window = h.get("sliding_window") if h.get("use_sliding_window", True) else None
     if isinstance(window, int) and 0 < window < max_pos:
@@ -138,10 +144,10 @@ def trunk_fields(h: HFConfig) -> dict[str, Any]:
         max_pos = window
     theta, scaling = rope_from_hf(h, int(h.get("max_position_embeddings", 4096)))
     return dict(
-        vocab_size=int(h.get("vocab_size")), d_model=int(h.get("hidden_size")),
-        n_layers=int(h.get("num_hidden_layers")), n_heads=n_heads,
+        vocab_size=int(h.require("vocab_size")), d_model=int(h.require("hidden_size")),
+        n_layers=int(h.require("num_hidden_layers")), n_heads=n_heads,
         n_kv_heads=int(h.get("num_key_value_heads") or n_heads),
-        head_dim=h.d.get("head_dim") or h.get("hidden_size") // n_heads,
+        head_dim=h.d.get("head_dim") or int(h.require("hidden_size")) // n_heads,
         rope_theta=theta, rope_scaling=scaling, norm_eps=float(h.get("rms_norm_eps", 1e-6)),
         max_seq_len=max_pos, tie_embeddings=bool(h.get("tie_word_embeddings", False)),
     )

@@ -51,19 +51,19 @@ class DeepseekV3(Arch):
         if n_shared < 1:
             raise h.fail("n_shared_experts must be >= 1 (transformers always builds the shared experts)")
         trunk = trunk_fields(h)
-        rope = int(h.get("qk_rope_head_dim"))
+        rope = int(h.require("qk_rope_head_dim"))
         trunk.update(n_kv_heads=trunk["n_heads"], head_dim=rope)
         n_layers = trunk["n_layers"]
         q_rank = h.d.get("q_lora_rank", self.defaults["q_lora_rank"])
         return ModelConfig(
-            **trunk, ffn=int(h.get("intermediate_size")), attention="mla",
-            q_lora_rank=None if q_rank is None else int(q_rank), kv_lora_rank=int(h.get("kv_lora_rank")),
-            qk_nope_head_dim=int(h.get("qk_nope_head_dim")), qk_rope_head_dim=rope,
-            v_head_dim=int(h.get("v_head_dim")), rope_interleave=bool(h.d.get("rope_interleave", True)),
+            **trunk, ffn=int(h.require("intermediate_size")), attention="mla",
+            q_lora_rank=None if q_rank is None else int(q_rank), kv_lora_rank=int(h.require("kv_lora_rank")),
+            qk_nope_head_dim=int(h.require("qk_nope_head_dim")), qk_rope_head_dim=rope,
+            v_head_dim=int(h.require("v_head_dim")), rope_interleave=bool(h.d.get("rope_interleave", True)),
             num_experts=int(h.first("n_routed_experts", "num_local_experts")),
-            top_k=int(h.get("num_experts_per_tok")), expert_ffn=int(h.get("moe_intermediate_size")),
-            num_shared_experts=n_shared, shared_ffn=n_shared * int(h.get("moe_intermediate_size")),
-            first_dense_layers=min(int(h.get("first_k_dense_replace")), n_layers), router="sigmoid_topk",
+            top_k=int(h.require("num_experts_per_tok")), expert_ffn=int(h.require("moe_intermediate_size")),
+            num_shared_experts=n_shared, shared_ffn=n_shared * int(h.require("moe_intermediate_size")),
+            first_dense_layers=min(int(h.require("first_k_dense_replace")), n_layers), router="sigmoid_topk",
             normalize_topk=bool(h.get("norm_topk_prob")), routed_scaling_factor=float(h.get("routed_scaling_factor")),
             n_group=int(h.get("n_group") or 1), topk_group=int(h.get("topk_group") or 1),
             aux_loss_coef=0.0)

@@ -33,7 +33,7 @@ class _Dense(Arch):
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
         self.check(h)
-        return ModelConfig(**trunk_fields(h), ffn=int(h.get("intermediate_size")), num_experts=0,
+        return ModelConfig(**trunk_fields(h), ffn=int(h.require("intermediate_size")), num_experts=0,
                            qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
 
     def entries(self, cfg: ModelConfig, names: set[str] | None = None) -> list[Entry]:

@@ -74,7 +74,7 @@ class _SoftmaxMoE(Arch):
 
     def qwen_layers(self, h) -> dict[str, Any]:
         return dict(moe_every=int(h.get("decoder_sparse_step", 1)), mlp_only_layers=list(h.get("mlp_only_layers") or []),
-                    ffn=int(h.get("intermediate_size")))
+                    ffn=int(h.require("intermediate_size")))
 
     def qwen_layers_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
@@ -96,10 +96,10 @@ class Mixtral(_SoftmaxMoE):
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
         no_o_bias(h)
-        f = int(h.get("intermediate_size"))
+        f = int(h.require("intermediate_size"))
         return ModelConfig(**trunk_fields(h), ffn=f, expert_ffn=f,
                            num_experts=int(h.first("num_local_experts", "num_experts")),
-                           top_k=int(h.get("num_experts_per_tok")), router="softmax_topk", normalize_topk=True)
+                           top_k=int(h.require("num_experts_per_tok")), router="softmax_topk", normalize_topk=True)
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         why = gqa_blockers(cfg, False, "none") + _router_blockers(cfg, True)
@@ -126,12 +126,12 @@ class Qwen2Moe(_SoftmaxMoE):
 
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
-        shared = int(h.get("shared_expert_intermediate_size"))
+        shared = int(h.require("shared_expert_intermediate_size"))
         if shared < 1:
             raise h.fail("shared_expert_intermediate_size must be >= 1")
         return ModelConfig(**trunk_fields(h), **self.qwen_layers(h), qkv_bias=bool(h.get("qkv_bias")),
-                           num_experts=int(h.get("num_experts")), top_k=int(h.get("num_experts_per_tok")),
-                           expert_ffn=int(h.get("moe_intermediate_size")), num_shared_experts=1,
+                           num_experts=int(h.require("num_experts")), top_k=int(h.require("num_experts_per_tok")),
+                           expert_ffn=int(h.require("moe_intermediate_size")), num_shared_experts=1,
                            shared_ffn=shared, shared_expert_gate=True, router="softmax_topk",
                            normalize_topk=bool(h.get("norm_topk_prob")))
 
@@ -160,7 +160,7 @@ class Qwen3Moe(_SoftmaxMoE):
         no_o_bias(h)
         return ModelConfig(**trunk_fields(h), **self.qwen_layers(h), qk_norm="head",
                            num_experts=int(h.first("num_experts", "num_local_experts")),
-                           top_k=int(h.get("num_experts_per_tok")), expert_ffn=int(h.get("moe_intermediate_size")),
+                           top_k=int(h.require("num_experts_per_tok")), expert_ffn=int(h.require("moe_intermediate_size")),
                            router="softmax_topk", normalize_topk=bool(h.get("norm_topk_prob")))
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
@@ -185,12 +185,12 @@ class Olmoe(_SoftmaxMoE):
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
         no_o_bias(h)
-        f = int(h.get("intermediate_size"))
+        f = int(h.require("intermediate_size"))
         clip = h.get("clip_qkv")
         return ModelConfig(**trunk_fields(h), ffn=f, expert_ffn=f, qk_norm="full",
                            clip_qkv=None if clip is None else float(clip),
                            num_experts=int(h.first("num_experts", "num_local_experts")),
-                           top_k=int(h.get("num_experts_per_tok")), router="softmax_topk",
+                           top_k=int(h.require("num_experts_per_tok")), router="softmax_topk",
                            normalize_topk=bool(h.get("norm_topk_prob")))
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
