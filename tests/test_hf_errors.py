@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_hf_parity import VOCAB, build_hf  # noqa: E402
 
 from moesaic.checkpoint import load  # noqa: E402
 from moesaic.checkpoint.archs import ArchError  # noqa: E402
+from test_hf_parity import VOCAB, build_hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
