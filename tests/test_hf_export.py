@@ -17,29 +17,32 @@ from moesaic.checkpoint.archs import ArchError, for_export  # noqa: E402
 from moesaic.checkpoint.export import export_hf  # noqa: E402
 
 TRUNK = dict(vocab_size=80, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64, ffn=48)
-CASES: dict[str, tuple[str, dict]] = {
-    "MixtralForCausalLM": ("tiny", dict(rope_theta=1e6)),
-    "Qwen3MoeForCausalLM": ("", dict(**TRUNK, num_experts=6, top_k=2, expert_ffn=16, qk_norm="head",
-                                      normalize_topk=False, mlp_only_layers=[1], tie_embeddings=True)),
-    "Qwen2MoeForCausalLM": ("", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, num_shared_experts=1,
-                                      shared_ffn=24, shared_expert_gate=True, qkv_bias=True, first_dense_layers=1,
-                                      rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "OlmoeForCausalLM": ("", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, qk_norm="full", clip_qkv=0.2,
-                                   normalize_topk=False)),
-    "DeepseekV3ForCausalLM": ("", dict(**{**TRUNK, "n_kv_heads": 4}, attention="mla", q_lora_rank=12,
-                                        kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8,
-                                        rope_interleave=True, num_experts=8, top_k=3, expert_ffn=16,
-                                        num_shared_experts=2, shared_ffn=32, first_dense_layers=1,
-                                        router="sigmoid_topk", n_group=4, topk_group=2, normalize_topk=True,
-                                        routed_scaling_factor=1.5)),
-    "LlamaForCausalLM": ("", dict(**TRUNK, num_experts=0)),
-    "Qwen2ForCausalLM": ("", dict(**TRUNK, num_experts=0, qkv_bias=True)),
-    "Qwen3ForCausalLM": ("", dict(**TRUNK, num_experts=0, qk_norm="head")),
+CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, preset, fields)
+    "mixtral": ("MixtralForCausalLM", "tiny", dict(rope_theta=1e6)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "", dict(**TRUNK, num_experts=6, top_k=2, expert_ffn=16, qk_norm="head",
+                                                  normalize_topk=False, mlp_only_layers=[1], tie_embeddings=True)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16,
+                                                  num_shared_experts=1, shared_ffn=24, shared_expert_gate=True,
+                                                  qkv_bias=True, first_dense_layers=1,
+                                                  rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "small_preset": ("Qwen2MoeForCausalLM", "small", dict(n_layers=2, d_model=64, vocab_size=80, ffn=64,
+                                                          expert_ffn=32)),  # ungated shared expert
+    "olmoe": ("OlmoeForCausalLM", "", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, qk_norm="full",
+                                           clip_qkv=0.2, normalize_topk=False)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "", dict(**{**TRUNK, "n_kv_heads": 4}, attention="mla", q_lora_rank=12,
+                                                      kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                                                      v_head_dim=8, rope_interleave=True, num_experts=8, top_k=3,
+                                                      expert_ffn=16, num_shared_experts=2, shared_ffn=32,
+                                                      first_dense_layers=1, router="sigmoid_topk", n_group=4,
+                                                      topk_group=2, normalize_topk=True, routed_scaling_factor=1.5)),
+    "llama": ("LlamaForCausalLM", "", dict(**TRUNK, num_experts=0)),
+    "qwen2": ("Qwen2ForCausalLM", "", dict(**TRUNK, num_experts=0, qkv_bias=True)),
+    "qwen3": ("Qwen3ForCausalLM", "", dict(**TRUNK, num_experts=0, qk_norm="head")),
 }
 
 
-def make_model(arch: str, seed: int = 0):
-    preset, kw = CASES[arch]
+def make_model(case: str, seed: int = 0):
+    _, preset, kw = CASES[case]
     cfg = ModelConfig.preset(preset, **kw) if preset else ModelConfig(**kw)
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
@@ -55,9 +58,10 @@ def make_model(arch: str, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("arch", sorted(CASES))
-def test_round_trip_through_transformers(arch, tmp_path):
-    model = make_model(arch)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_through_transformers(case, tmp_path):
+    arch = CASES[case][0]
+    model = make_model(case)
     assert for_export(model.config).name == arch
     chosen = export_hf(model, tmp_path / "hf")
     assert chosen.name == arch
@@ -77,7 +81,7 @@ def test_round_trip_through_transformers(arch, tmp_path):
 
 
 def test_sharded_bf16_export(tmp_path):
-    model = make_model("Qwen2MoeForCausalLM")
+    model = make_model("qwen2_moe")
     export_hf(model, tmp_path / "hf", dtype=torch.bfloat16, max_shard_bytes=30_000)
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.startswith("model-000") for f in files) > 2
@@ -91,7 +95,6 @@ def test_sharded_bf16_export(tmp_path):
 
 
 @pytest.mark.parametrize("preset, blocker", [
-    ("small", "needs a gated shared expert"),        # GQA + ungated shared expert
     ("deepseek-mini", "needs 'mla'"),                 # sigmoid routing with GQA attention
     ("switch-mini", "capacity_factor"),               # token dropping
 ])
@@ -104,7 +107,7 @@ def test_inexpressible_models_name_the_blocker(preset, blocker, tmp_path):
 
 
 def test_forced_arch_and_existing_folder(tmp_path):
-    model = make_model("LlamaForCausalLM")
+    model = make_model("llama")
     with pytest.raises(ArchError, match="cannot export as MixtralForCausalLM: .*num_experts=0"):
         export_hf(model, tmp_path / "a", arch="MixtralForCausalLM")
     (tmp_path / "b").mkdir()
@@ -117,7 +120,7 @@ def test_forced_arch_and_existing_folder(tmp_path):
 def test_cli_export_of_a_run_folder(tmp_path):
     from moesaic.checkpoint.native import write_model_files
 
-    model = make_model("MixtralForCausalLM")
+    model = make_model("mixtral")
     run = tmp_path / "run"
     run.mkdir()
     write_model_files(run, model)

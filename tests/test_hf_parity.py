@@ -46,6 +46,7 @@ CASES: dict[str, tuple[str, dict]] = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2": ("Qwen2", dict(intermediate_size=40, tie_word_embeddings=True)),
+    "mistral": ("Mistral", dict(intermediate_size=40, sliding_window=32, head_dim=8)),
     "qwen3": ("Qwen3", dict(intermediate_size=40, head_dim=8)),
 }
 
@@ -164,6 +165,8 @@ def test_configs_exercise_features(tmp_path):
     assert all(len(set((row // per_group).tolist())) <= cfg.topk_group for r in before for row in r)
     olmoe = load(_saved(build_hf("olmoe"), tmp_path / "o"))
     assert olmoe.config.clip_qkv == 0.3 and olmoe.config.qk_norm == "full"
+    # Sliding-window attention equals full attention up to the window: the usable length is capped there.
+    assert load(_saved(build_hf("mistral"), tmp_path / "m")).config.max_seq_len == 32
 
 
 def _saved(hf_model, folder):

@@ -11,6 +11,7 @@ Plan of `export_hf`:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -32,13 +33,14 @@ _DTYPE_STR = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float1
 
 def hf_tensors(model: Transformer, arch: Arch, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of the model under `arch`'s key map (per-expert names), one at a time."""
+    cfg = model.config
     state = model.state_dict()
-    for entry in arch.entries(model.config, None):
-        for name, t in split_for_export(entry, state[entry.ours]):
-            t = t.detach()
-            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
-                t = t.to(dtype)
-            yield name, t.contiguous()
+    pairs = (p for entry in arch.entries(cfg, None) for p in split_for_export(entry, state[entry.ours]))
+    for name, t in itertools.chain(pairs, arch.export_extra(cfg)):
+        t = arch.export_adjust(cfg, name, t.detach())
+        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        yield name, t.contiguous()
 
 
 def hf_config_dict(model: Transformer, arch: Arch, dtype: torch.dtype,

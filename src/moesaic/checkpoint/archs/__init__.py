@@ -10,12 +10,12 @@ from typing import Any
 
 from moesaic.checkpoint.archs.base import Arch, ArchError
 from moesaic.checkpoint.archs.deepseek import DeepseekV3
-from moesaic.checkpoint.archs.dense import Llama, Qwen2, Qwen3
+from moesaic.checkpoint.archs.dense import Llama, Mistral, Qwen2, Qwen3
 from moesaic.checkpoint.archs.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from moesaic.config import ModelConfig
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV3(),
-                                              Llama(), Qwen2(), Qwen3())}
+                                              Llama(), Mistral(), Qwen2(), Qwen3())}
 BY_MODEL_TYPE: dict[str, Arch] = {a.model_type: a for a in ARCHS.values()}
 
 # Known architectures moesaic does not run, and the feature that blocks each.
@@ -25,7 +25,6 @@ UNSUPPORTED: dict[str, str] = {
     "DeepseekV2ForCausalLM": "DeepSeek-V2 routing (softmax, group_limited_greedy) is not mapped; V3 is",
     "Qwen3NextForCausalLM": "gated DeltaNet linear-attention layers are not implemented",
     "Llama4ForCausalLM": "chunked attention and interleaved MoE with a different expert layout are not mapped",
-    "MistralForCausalLM": "not mapped yet (sliding-window Llama); Mixtral, Llama and Qwen are",
 }
 
 # Export preference: the most specific architecture first.

@@ -260,6 +260,14 @@ class Arch:
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         raise NotImplementedError
 
+    def export_adjust(self, cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
+        """An exact rewrite of one exported tensor where the HF layout needs it (default: none)."""
+        return t
+
+    def export_extra(self, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+        """HF tensors with no moesaic counterpart, written on export (default: none)."""
+        return []
+
 
 def no_o_bias(h: HFConfig) -> None:
     if h.get("attention_bias", False):

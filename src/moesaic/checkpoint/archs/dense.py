@@ -84,3 +84,17 @@ class Qwen3(_Dense):
 
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**super().to_hf(cfg), "use_sliding_window": False, "sliding_window": None}
+
+
+class Mistral(_Dense):
+    """Llama layout with sliding-window attention: exact up to the window, so max_seq_len is capped there."""
+
+    name, model_type = "MistralForCausalLM", "mistral"
+    defaults = {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+                "sliding_window": 4096}
+
+    def export_blocker(self, cfg: ModelConfig) -> str | None:
+        return "exported as LlamaForCausalLM instead"
+
+    def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:  # pragma: no cover - never chosen for export
+        raise NotImplementedError

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from moesaic.checkpoint.archs.base import (
     Arch,
     Copy,
@@ -137,9 +139,22 @@ class Qwen2Moe(_SoftmaxMoE):
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         why = gqa_blockers(cfg, cfg.qkv_bias, "none") + _router_blockers(cfg, None)
-        if cfg.is_moe and not (cfg.num_shared_experts and cfg.shared_expert_gate):
-            why.append("Qwen2-MoE needs a gated shared expert (shared_expert_gate=True)")
+        if cfg.is_moe and not cfg.num_shared_experts:
+            why.append("Qwen2-MoE needs a shared expert")
         return "; ".join(why) or None
+
+    # An ungated shared expert is written exactly as a gated one: gate weight 0 gives sigmoid(0) = 0.5, and
+    # the down projection is doubled (both scalings are powers of two, so no rounding changes).
+    def export_adjust(self, cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
+        if not cfg.shared_expert_gate and key.endswith(".mlp.shared_expert.down_proj.weight"):
+            return t * 2
+        return t
+
+    def export_extra(self, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+        if cfg.shared_expert_gate:
+            return []
+        return [(f"model.layers.{i}.mlp.shared_expert_gate.weight", torch.zeros(1, cfg.d_model))
+                for i in cfg.moe_layers]
 
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         d = trunk_to_hf(cfg, self.name, self.model_type)
