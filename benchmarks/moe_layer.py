@@ -77,7 +77,6 @@ def ceilings(device: str) -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     tm = bench(lambda: a @ b, device)
-    del src, dst
     return {"copy_Bps": 2 * (1 << 30) / tc, "matmul_flops": 2 * n ** 3 / tm, "matmul_dtype": "bfloat16"}
 
 
@@ -201,6 +200,47 @@ def train_point(name, shape, t, w13, w2, device, dtype, rep_ms) -> dict:
     return out
 
 
+def profile_point(name, t, rep_ms) -> None:
+    """Where the time goes for one point: per-stage GPU times and the host-side cost of one call."""
+    import cProfile
+    import pstats
+
+    from moesaic.kernels.triton import autotune, ops
+    from moesaic.kernels.triton.align import align
+
+    d, f, e, k = SHAPES[name]
+    x, w13, w2, ids, w = random_problem(t, d, f, e, k, torch.bfloat16, torch.device("cuda"), seed=t)
+    cfg = autotune.get_config(t, d, f, e, k, x.dtype, x.device)
+    print(f"# profile {name} T={t} config {cfg}")
+    stages = {"full": lambda: kernels.moe_experts(x, w13, w2, ids, w, backend="triton"),
+              "ops.forward": lambda: ops.forward(x, w13, w2, ids, w, cfg)}
+    if cfg.path == "grouped":
+        al = align(ids, e, cfg.bm)
+        act, _ = ops.run_w13(x, w13, al, k, cfg.gemm1, False)
+        o = torch.empty((t * k, d), dtype=x.dtype, device=x.device)
+        stages["align"] = lambda: align(ids, e, cfg.bm)
+        stages["w13"] = lambda: ops.run_w13(x, w13, al, k, cfg.gemm1, False)
+        stages["w2"] = lambda: ops.run_mm(act, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), o, al, k, d, f,
+                                          cfg.gemm2, a_gather=False, out_pair=True)
+        stages["combine"] = lambda: ops.run_combine(o, ids.reshape(-1), w.reshape(-1), t, d, k, x.dtype)
+    for sname, fn in stages.items():
+        print(f"#   {sname}: {bench(fn, 'cuda', rep_ms) * 1e6:.1f} us (GPU, events)")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        host = (time.perf_counter() - t0) / 50
+        torch.cuda.synchronize()
+        print(f"#   {sname}: {host * 1e6:.1f} us host enqueue per call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        stages["full"]()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
 def print_table(rows, impl_names) -> None:
     print("\n| shape | T | floor us | " + " | ".join(f"{n} us (eff)" for n in impl_names)
           + " | triton TFLOP/s | triton GB/s | triton err |")
@@ -239,8 +279,14 @@ def main(argv=None) -> None:
     p.add_argument("--train", action="store_true", help="also time forward+backward (triton vs sorted)")
     p.add_argument("--train-tokens", nargs="*", type=int, default=[4096])
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/moe_layer_<device>.json)")
+    p.add_argument("--profile", nargs=2, metavar=("SHAPE", "T"), action="append", default=[],
+                   help="print the stage breakdown and host overhead of one point, then exit")
     a = p.parse_args(argv)
     dev = a.device
+    if a.profile:
+        for name, t in a.profile:
+            profile_point(name, int(t), a.rep_ms)
+        return
     shapes = a.shapes or (["tiny"] if dev == "cpu" else [s for s in SHAPES if s != "tiny"])
     tokens = a.tokens or ([1, 8, 64, 512] if dev == "cpu" else TOKENS)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

@@ -54,7 +54,7 @@ def moe_experts_triton(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: t
     """Same contract as `reference.moe_experts_reference`. `config` (a launch.MoEConfig) overrides the
     tuned one; when gradients are needed the grouped path is used whatever the config says."""
     from moesaic.kernels.triton import autotune, launch
-    from moesaic.kernels.triton.ops import TritonMoEFunction
+    from moesaic.kernels.triton.ops import TritonMoEFunction, forward
 
     _check(hidden_TD, w13_EGD, w2_EDF)
     t, d = hidden_TD.shape
@@ -64,5 +64,10 @@ def moe_experts_triton(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: t
     train_cfg = cfg if cfg.path == "grouped" else launch.heuristic(max(t, 64), d, g // 2, e, k)
     if t == 0:
         return hidden_TD.new_zeros((0, d))
+    if not (torch.is_grad_enabled() and (hidden_TD.requires_grad or w13_EGD.requires_grad
+                                         or w2_EDF.requires_grad or weights_TK.requires_grad)):
+        # inference: skip the autograd.Function (its bookkeeping is a visible share of a decode step)
+        return forward(hidden_TD.contiguous(), w13_EGD.contiguous(), w2_EDF.contiguous(),
+                       expert_ids_TK.contiguous(), weights_TK.contiguous(), cfg)
     return TritonMoEFunction.apply(hidden_TD.contiguous(), w13_EGD.contiguous(), w2_EDF.contiguous(),
                                    expert_ids_TK.contiguous(), weights_TK.contiguous(), cfg, train_cfg)

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from moesaic.kernels.triton import launch
-from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
+from moesaic.kernels.triton.launch import MoEConfig
 
 PACKAGED_DIR = Path(__file__).parent / "configs"
 DECODE_MAX_PAIRS = 64  # the decode path is considered only up to this many (token, expert) pairs
 _MEMO: dict[tuple[str, str], MoEConfig] = {}
 _TABLES: dict[Path, dict] = {}
+_FAST: dict[tuple, MoEConfig] = {}
 
 
 def t_bucket(t: int) -> int:
@@ -81,10 +82,15 @@ def lookup(key: str, tag: str) -> MoEConfig | None:
 
 def get_config(t: int, d: int, f: int, e: int, k: int, dtype: torch.dtype, device: torch.device) -> MoEConfig:
     """The launch configuration for this shape on this device (tuning it on first use if allowed)."""
+    fast = (device.type, device.index, t_bucket(t), d, f, e, k, dtype)  # per-call path: no string work
+    cfg = _FAST.get(fast)
+    if cfg is not None:
+        return cfg
     tag = device_tag(device) if device.type == "cuda" else "cpu"
     key = shape_key(t, d, f, e, k, dtype)
     cfg = _MEMO.get((tag, key))
     if cfg is not None:
+        _FAST[fast] = cfg
         return cfg
     cfg = lookup(key, tag)
     if cfg is None:
@@ -93,7 +99,7 @@ def get_config(t: int, d: int, f: int, e: int, k: int, dtype: torch.dtype, devic
             write_entry(user_dir() / f"{tag}.json", key, cfg, us, torch.cuda.get_device_name(device))
         else:
             cfg = launch.heuristic(t, d, f, e, k)
-    _MEMO[(tag, key)] = cfg
+    _MEMO[(tag, key)] = _FAST[fast] = cfg
     return cfg
 
 

@@ -124,14 +124,14 @@ def _bwd_gemm(bm: int) -> GemmConfig:
     return GemmConfig(64, 128, 4, 4, 4) if bm <= 32 else GemmConfig(128, 64, 8, 8, 3)
 
 
-def _run_wgrad(l, r, dw, al: Alignment, topk: int, w_N, *, l_gather: bool, r_gather: bool):
+def _run_wgrad(lhs, rhs, dw, al: Alignment, topk: int, w_N, *, l_gather: bool, r_gather: bool):
     e, ni, nj = dw.shape
     bi, bj, br = 128, 128, 32
     gk.wgrad_kernel[(e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),)](
-        l, r, dw, al.sorted_ids_P, al.off_E1, al.counts_E, w_N if w_N is not None else l,
-        ni, nj, topk, l.stride(0), r.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+        lhs, rhs, dw, al.sorted_ids_P, al.off_E1, al.counts_E, w_N if w_N is not None else lhs,
+        ni, nj, topk, lhs.stride(0), rhs.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
         BI=bi, BJ=bj, BR=br, L_GATHER=l_gather, L_SCALE=w_N is not None, R_GATHER=r_gather,
-        DOT_F32=_dot_f32(l.dtype), num_warps=8, num_stages=3)
+        DOT_F32=_dot_f32(lhs.dtype), num_warps=8, num_stages=3)
 
 
 def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
@@ -167,6 +167,13 @@ def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
     return dx, dw13, dw2, dwt
 
 
+def forward(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch.Tensor:
+    """Inference forward (no autograd bookkeeping) on the path the config names."""
+    if cfg.path == "decode":
+        return forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
+    return forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg, save=False)[0]
+
+
 class TritonMoEFunction(torch.autograd.Function):
     """moe_experts with a grouped-GEMM backward; inputs are made contiguous by the caller."""
 
@@ -174,9 +181,7 @@ class TritonMoEFunction(torch.autograd.Function):
     def forward(ctx, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, train_cfg: MoEConfig):
         needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
         if not needs_grad:
-            if cfg.path == "decode":
-                return forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
-            return forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg, save=False)[0]
+            return forward(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
         y, saved = forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, train_cfg, save=True)
         ctx.saved_align = saved
         ctx.save_for_backward(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK)
