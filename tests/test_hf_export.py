@@ -133,3 +133,23 @@ def test_cli_export_of_a_run_folder(tmp_path):
         assert torch.allclose(load(tmp_path / "hf")(ids), model(ids), atol=1e-6)
     bad = subprocess.run(cmd[:-1] + ["onnx"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--format must be one of" in bad.stderr
+
+
+def test_export_carries_tokenizer_and_eos(tmp_path):
+    from moesaic.checkpoint.native import write_model_files
+    from moesaic.tokenizer import Tokenizer
+    from test_tokenizer_chat import CHATML, MESSAGES, make_folder
+
+    tok = Tokenizer.from_folder(make_folder(tmp_path / "tok", CHATML))
+    model = make_model("mixtral")  # vocab 512 >= the tokenizer's 300
+    run = tmp_path / "run"
+    run.mkdir()
+    write_model_files(run, model, tok)
+    export_hf(load(run), tmp_path / "hf", tokenizer_dir=run)
+    eos = tok.token_to_id("</s>")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == eos
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    want = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert Tokenizer.from_folder(tmp_path / "hf").apply_chat_template(MESSAGES) == want
+    assert ref.encode(want, add_special_tokens=False) == tok.encode_chat(MESSAGES)
