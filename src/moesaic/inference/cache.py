@@ -3,6 +3,9 @@
 Shape legend: L layers, N slots, H kv heads, M max positions per slot, Dk/Dv head dims,
 B rows of one forward, T new tokens per row, S key positions the forward attends over.
 
+Layout [L, N, M, H, D] (position before head) so one decode step writes each row's new keys with a
+single `index_copy_` on a flat [N*M, H, D] view; attention reads a transposed view.
+
 One slot holds one running request. The buffers are allocated once when the engine starts
 (no per-token reallocation); a request gets a free slot when it joins the batch and gives it
 back when it finishes. The engine keeps running requests packed in slots 0..n-1 (it moves the
@@ -18,15 +21,15 @@ import torch
 
 
 class SlotCache:
-    """k [L, N, H, M, Dk] and v [L, N, H, M, Dv] buffers plus lengths [N] (committed positions per slot)."""
+    """k [L, N, M, H, Dk] and v [L, N, M, H, Dv] buffers plus lengths [N] (committed positions per slot)."""
 
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         for name, v in (("n_slots", n_slots), ("max_len", max_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"SlotCache.{name} must be an integer >= 1, got {v!r}")
-        self.k = torch.zeros(n_layers, n_slots, n_kv_heads, max_len, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(n_layers, n_slots, n_kv_heads, max_len, v_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, v_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.max_len, self.n_slots = max_len, n_slots
 
@@ -54,8 +57,8 @@ class SlotCache:
     def move(self, src: int, dst: int) -> None:
         """Move slot src's committed positions into slot dst (used to keep running slots packed)."""
         n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
 
@@ -71,7 +74,7 @@ class SlotView:
         lo = self.slots[0]
         self._range = (lo, lo + len(slots)) if self.slots == list(range(lo, lo + len(slots))) else None
         self._idx = torch.tensor(self.slots, dtype=torch.long, device=cache.lengths.device)
-        self._pos_cache: dict[int, torch.Tensor] = {}
+        self._pos_cache: dict = {}  # per forward: positions / mask by T
 
     def _rows(self, buf: torch.Tensor) -> torch.Tensor:
         if self._range is not None:
@@ -90,22 +93,31 @@ class SlotView:
         """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
         mask [B, 1, T, S] (True where a query may attend: causal within its own row)."""
         b, _, t, _ = k.shape
-        pos_BT = self.positions(t)
-        end = int(pos_BT[:, -1].max()) + 1
-        if end > self.cache.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
-        kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]
-        slot_BT = self._idx[:, None].expand(b, t)
-        kbuf[slot_BT, :, pos_BT] = k.transpose(1, 2).to(kbuf.dtype)
-        vbuf[slot_BT, :, pos_BT] = v.transpose(1, 2).to(vbuf.dtype)
+        pos_BT, end, mask = self._step_info(t)
+        kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]  # [N, M, H, D]
+        n, m = kbuf.shape[:2]
+        flat_idx = (self._idx[:, None] * m + pos_BT).reshape(-1)
+        kbuf.view(n * m, *kbuf.shape[2:]).index_copy_(0, flat_idx, k.transpose(1, 2).reshape(b * t, *kbuf.shape[2:])
+                                                      .to(kbuf.dtype))
+        vbuf.view(n * m, *vbuf.shape[2:]).index_copy_(0, flat_idx, v.transpose(1, 2).reshape(b * t, *vbuf.shape[2:])
+                                                      .to(vbuf.dtype))
         if self._range is not None:
-            k_all, v_all = kbuf[self._range[0]:self._range[1], :, :end], vbuf[self._range[0]:self._range[1], :, :end]
+            k_all, v_all = kbuf[self._range[0]:self._range[1], :end], vbuf[self._range[0]:self._range[1], :end]
         else:
-            k_all = kbuf[:, :, :end].index_select(0, self._idx)
-            v_all = vbuf[:, :, :end].index_select(0, self._idx)
-        key_pos = torch.arange(end, device=k.device)
-        mask = key_pos[None, None, :] <= pos_BT[:, :, None]
-        return k_all, v_all, mask[:, None]
+            k_all, v_all = kbuf[:, :end].index_select(0, self._idx), vbuf[:, :end].index_select(0, self._idx)
+        return k_all.transpose(1, 2), v_all.transpose(1, 2), mask
+
+    def _step_info(self, t: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(positions [B, T], key length S, mask [B, 1, T, S]): the same for every layer of a forward."""
+        key = -t - 1
+        if key not in self._pos_cache:
+            pos_BT = self.positions(t)
+            end = int(pos_BT[:, -1].max()) + 1
+            if end > self.cache.max_len:
+                raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
+            key_pos = torch.arange(end, device=pos_BT.device)
+            self._pos_cache[key] = (pos_BT, end, (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None])
+        return self._pos_cache[key]
 
     def advance(self, t: int) -> None:
         self.cache.lengths.index_add_(0, self._idx, torch.full_like(self._idx, t))
