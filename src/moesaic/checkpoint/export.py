@@ -47,6 +47,8 @@ def hf_config_dict(model: Transformer, arch: Arch, dtype: torch.dtype,
                    eos_token_ids: list[int] | None = None, bos_token_id: int | None = None) -> dict[str, Any]:
     d = arch.to_hf(model.config)
     d["dtype"] = _DTYPE_STR.get(dtype, "float32")
+    # Explicit None: otherwise transformers fills in the architecture's default ids (e.g. OLMoE's eos 50279).
+    d.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if eos_token_ids:
         d["eos_token_id"] = eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
     if bos_token_id is not None:
