@@ -23,7 +23,7 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
                                                   normalize_topk=False, mlp_only_layers=[1], tie_embeddings=True)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16,
                                                   num_shared_experts=1, shared_ffn=24, shared_expert_gate=True,
-                                                  qkv_bias=True, first_dense_layers=1,
+                                                  qkv_bias=True, first_dense_layers=1, head_dim=12,
                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "small_preset": ("Qwen2MoeForCausalLM", "small", dict(n_layers=2, d_model=64, vocab_size=80, ffn=64,
                                                           expert_ffn=32)),  # ungated shared expert
@@ -37,7 +37,7 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
                                                       topk_group=2, normalize_topk=True, routed_scaling_factor=1.5)),
     "llama": ("LlamaForCausalLM", "", dict(**TRUNK, num_experts=0)),
     "qwen2": ("Qwen2ForCausalLM", "", dict(**TRUNK, num_experts=0, qkv_bias=True)),
-    "qwen3": ("Qwen3ForCausalLM", "", dict(**TRUNK, num_experts=0, qk_norm="head")),
+    "qwen3": ("Qwen3ForCausalLM", "", dict(**TRUNK, num_experts=0, qk_norm="head", head_dim=16)),
 }
 
 
@@ -110,6 +110,9 @@ def test_forced_arch_and_existing_folder(tmp_path):
     model = make_model("llama")
     with pytest.raises(ArchError, match="cannot export as MixtralForCausalLM: .*num_experts=0"):
         export_hf(model, tmp_path / "a", arch="MixtralForCausalLM")
+    olmoe_wide = make_model("olmoe").config.replace(head_dim=16)
+    with pytest.raises(ArchError, match="OlmoeForCausalLM: .*head_dim=16 != d_model / n_heads"):
+        export_hf(build_model(olmoe_wide), tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):

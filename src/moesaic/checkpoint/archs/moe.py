@@ -210,6 +210,8 @@ class Olmoe(_SoftmaxMoE):
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         why = gqa_blockers(cfg, False, "full") + _router_blockers(cfg, None)
+        if cfg.head_dim * cfg.n_heads != cfg.d_model:  # OLMoE sizes its q/k norms from hidden_size
+            why.append(f"head_dim={cfg.head_dim} != d_model / n_heads")
         if cfg.is_moe and cfg.num_shared_experts:
             why.append("shared experts")
         if cfg.is_moe and len(cfg.moe_layers) != cfg.n_layers:
