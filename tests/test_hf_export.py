@@ -156,3 +156,19 @@ def test_export_carries_tokenizer_and_eos(tmp_path):
     want = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert Tokenizer.from_folder(tmp_path / "hf").apply_chat_template(MESSAGES) == want
     assert ref.encode(want, add_special_tokens=False) == tok.encode_chat(MESSAGES)
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3_noqlora_yarn", "llama", "qwen2", "qwen2_moe_step2", "mistral"])
+def test_hf_to_moesaic_to_hf(case, tmp_path):
+    """A loaded HF model exported again (RoPE scaling, tying, sparse steps, windows) loads with the same logits."""
+    from test_hf_parity import VOCAB, build_hf
+
+    hf = build_hf(case)
+    hf.save_pretrained(tmp_path / "a")
+    chosen = export_hf(load(tmp_path / "a"), tmp_path / "b")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32).eval()
+    assert type(again).__name__ == chosen.name
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, out = hf(ids).logits, again(ids).logits
+    assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
