@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moesaic.kernels.triton.fastlaunch import launcher
+
 SMALL_N = 64  # up to this many pairs the one-program version is used (its N x E and N x N tiles)
 
 
@@ -115,13 +117,13 @@ def align(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignm
     ep = triton.next_power_of_2(num_experts)
     if n <= SMALL_N:
         counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        _align_small_kernel[(1,)](ids_N, sorted_ids, off, counts, block_expert, n, num_experts,
+        launcher(_align_small_kernel)((1,), ids_N, sorted_ids, off, counts, block_expert, n, num_experts,
                                   BM=block_m, NP=triton.next_power_of_2(max(n, 1)), EP=ep, num_warps=8)
     else:
         counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
         rank = torch.empty(n, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n, 1024),)
-        _count_kernel[grid](ids_N, counts, rank, n, BLOCK=1024)
-        _offsets_kernel[(1,)](counts, off, num_experts, BM=block_m, EP=ep)
-        _scatter_kernel[grid](ids_N, rank, off, sorted_ids, block_expert, n, BM=block_m, BLOCK=1024)
+        launcher(_count_kernel)(grid, ids_N, counts, rank, n, BLOCK=1024)
+        launcher(_offsets_kernel)((1,), counts, off, num_experts, BM=block_m, EP=ep)
+        launcher(_scatter_kernel)(grid, ids_N, rank, off, sorted_ids, block_expert, n, BM=block_m, BLOCK=1024)
     return Alignment(sorted_ids, off, counts, block_expert, block_m)

@@ -66,7 +66,7 @@ def bm_candidates(t: int, e: int, k: int) -> list[int]:
 def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
     """A reasonable untuned choice (used on a cache miss when tuning is off, and on CPU)."""
     if t * k <= 16:
-        return MoEConfig("decode", 1, GemmConfig(32, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 3))
+        return MoEConfig("decode", 1, GemmConfig(8, 1024, 1, 8, 2), GemmConfig(8, 1024, 1, 8, 2))
     bm = bm_candidates(t, e, k)[-1]
     if bm <= 32:
         g = GemmConfig(64, 128, 4, 4, 4)
@@ -88,8 +88,11 @@ def gemm_candidates(bm: int, which: str) -> list[GemmConfig]:
 
 
 def decode_candidates(which: str) -> list[GemmConfig]:
+    """Decode-path configs: few weight rows per program and long rows per load (BK up to D or F, masked
+    when not a multiple), so each program issues a few large independent loads and many programs fit
+    on each multiprocessor."""
     if which == "gemm1":
-        return [GemmConfig(16, 256, 1, 4, 3), GemmConfig(32, 128, 1, 4, 4), GemmConfig(32, 256, 1, 4, 3),
-                GemmConfig(64, 128, 1, 4, 3), GemmConfig(8, 512, 1, 4, 3)]
-    return [GemmConfig(8, 256, 1, 4, 3), GemmConfig(16, 256, 1, 4, 3), GemmConfig(16, 512, 1, 4, 3),
-            GemmConfig(32, 128, 1, 4, 4), GemmConfig(32, 256, 1, 4, 3)]
+        return [GemmConfig(4, 2048, 1, 8, 2), GemmConfig(8, 1024, 1, 8, 2), GemmConfig(4, 1024, 1, 4, 2),
+                GemmConfig(16, 512, 1, 8, 2), GemmConfig(32, 256, 1, 4, 3), GemmConfig(8, 512, 1, 4, 3)]
+    return [GemmConfig(4, 1024, 1, 4, 2), GemmConfig(8, 1024, 1, 8, 2), GemmConfig(4, 2048, 1, 8, 2),
+            GemmConfig(16, 512, 1, 8, 2), GemmConfig(16, 256, 1, 4, 3), GemmConfig(8, 256, 1, 4, 3)]

@@ -26,6 +26,7 @@ import triton
 from moesaic.kernels.triton import decode as dk
 from moesaic.kernels.triton import grouped_gemm as gk
 from moesaic.kernels.triton.align import Alignment, align
+from moesaic.kernels.triton.fastlaunch import launcher
 from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
 
 
@@ -48,7 +49,7 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
     p = al.sorted_ids_P.shape[0]
     act = torch.empty((p, f), dtype=x_TD.dtype, device=x_TD.device)
     h = torch.empty((p, gg), dtype=x_TD.dtype, device=x_TD.device) if save_h else act
-    gk.w13_swiglu_kernel[_grid_mm(al, f, g.bn)](
+    launcher(gk.w13_swiglu_kernel)(_grid_mm(al, f, g.bn),
         x_TD, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
         al.max_blocks, e, d, f, topk, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
@@ -62,7 +63,7 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
     se, sk, sn = b_strides
     w = w_N if w_N is not None else out
     h = h_PG if h_PG is not None else out
-    gk.grouped_mm_kernel[_grid_mm(al, ncols, g.bn)](
+    launcher(gk.grouped_mm_kernel)(_grid_mm(al, ncols, g.bn),
         a, b_ptr_tensor, out, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w, h,
         al.max_blocks, b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
@@ -75,7 +76,7 @@ def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype) -> torch.Ten
     if t == 0:
         return y
     bd = min(1024, triton.next_power_of_2(d))
-    gk.combine_kernel[(t, triton.cdiv(d, bd))](
+    launcher(gk.combine_kernel)((t, triton.cdiv(d, bd)),
         o_ND, ids_N, w_N if w_N is not None else o_ND, y, d, topk, o_ND.stride(0), y.stride(0),
         USE_W=w_N is not None, BD=bd, num_warps=4)
     return y
@@ -110,10 +111,10 @@ def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch
     if t == 0:
         return y
     g1, g2 = cfg.gemm1, cfg.gemm2
-    dk.decode_w13_kernel[(t * k, triton.cdiv(f, g1.bn))](
+    launcher(dk.decode_w13_kernel)((t * k, triton.cdiv(f, g1.bn)),
         x_TD, w13_EGD, ids_N, act, d, f, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
         BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, num_warps=g1.num_warps, num_stages=g1.num_stages)
-    dk.decode_w2_kernel[(t, triton.cdiv(d, g2.bn))](
+    launcher(dk.decode_w2_kernel)((t, triton.cdiv(d, g2.bn)),
         act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, k, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
         BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
     return y
@@ -126,8 +127,8 @@ def _bwd_gemm(bm: int) -> GemmConfig:
 
 def _run_wgrad(lhs, rhs, dw, al: Alignment, topk: int, w_N, *, l_gather: bool, r_gather: bool):
     e, ni, nj = dw.shape
-    bi, bj, br = 128, 128, 32
-    gk.wgrad_kernel[(e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),)](
+    bi, bj, br = 128, 128, 64
+    launcher(gk.wgrad_kernel)((e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),),
         lhs, rhs, dw, al.sorted_ids_P, al.off_E1, al.counts_E, w_N if w_N is not None else lhs,
         ni, nj, topk, lhs.stride(0), rhs.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
         BI=bi, BJ=bj, BR=br, L_GATHER=l_gather, L_SCALE=w_N is not None, R_GATHER=r_gather,
