@@ -39,13 +39,15 @@ class Engine:
         dtype: cast the model to this dtype first (e.g. torch.bfloat16); None keeps it.
         quantize: "int8" replaces the expert weights by int8 + per-output-channel scales (see
             inference.quantize); None keeps them. quantize_linears: also attention, dense FFNs, LM head.
+        onednn: on CPU, run float linears and experts through oneDNN (`inference.quantize.use_onednn`;
+            MKL's fp32 matmuls read weights at about half the bandwidth here); the model is changed in place.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
             its batch-mates (slower: weights are read once per row instead of once per step).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
-                 quantize_linears: bool = False, deterministic: bool = False) -> None:
+                 quantize_linears: bool = False, deterministic: bool = False, onednn: bool = True) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
         cfg = model.config
@@ -63,6 +65,10 @@ class Engine:
             quantize_model(self.model, quantize, linears=quantize_linears)
         if backend is not None:
             self.model.set_moe_backend(backend)
+        if onednn:
+            from moesaic.inference.quantize import use_onednn
+
+            use_onednn(self.model)
         self.tokenizer = tokenizer
         self.deterministic = deterministic
         self.vocab = cfg.vocab_size

@@ -9,9 +9,10 @@ logits choose experts, and they are tiny.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from moesaic.kernels.quant import Int8Experts, Int8Linear
+from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear, onednn_available
 
 SCHEMES = ("int8",)
 
@@ -38,3 +39,21 @@ def _swap_linears(module: nn.Module) -> None:
             setattr(module, name, Int8Linear(child))
         else:
             _swap_linears(child)
+
+
+def use_onednn(model: nn.Module) -> bool:
+    """Route a CPU float model's linears and experts through oneDNN (inference only); returns whether it did.
+
+    Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
+    layers on "auto" get the `onednn` kernels backend. Int8 layers are left as they are.
+    """
+    p = model.embed.weight
+    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or not onednn_available():
+        return False
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and ".router" not in f".{name}" and not name.endswith("gate"):
+            mod.__class__ = OneDNNLinear
+    for layer in model.moe_layers():
+        if layer.backend == "auto" and not isinstance(layer.experts, Int8Experts):
+            layer.backend = "onednn"
+    return True

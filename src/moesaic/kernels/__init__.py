@@ -132,6 +132,8 @@ def _register_builtin() -> None:
 
     register(Backend("int8", quant.moe_experts_int8, supports=lambda h, w: isinstance(w, quant.Int8Weight),
                      priority=30))
+    register(Backend("onednn", quant.moe_experts_onednn, available=quant.onednn_available,
+                     supports=quant.onednn_supports, priority=5))  # inference only: the engine picks it
     # importing the submodule bound `sorted` in this package's namespace, shadowing the builtin
     globals().pop("sorted", None)
 

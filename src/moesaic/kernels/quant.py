@@ -1,4 +1,4 @@
-"""int8 weight-only formats: symmetric per-output-channel scales, no full dequantized copy.
+"""Weight formats for CPU inference: int8 weight-only (per-output-channel scales), and oneDNN float matmuls.
 
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K rows,
 M rows of a linear, I its input features, O its output features.
@@ -11,11 +11,16 @@ still run on a quantized model (one expert's copy at a time). The `int8` backend
 each expert's rows go through `int8_linear`, which on CPU uses torch's int8-weight matmul
 (`torch._weight_int8pack_mm`, bf16 activations: the fast kernel takes bf16) and elsewhere converts
 one matrix at a time.
+
+`cpu_linear` runs float matmuls through oneDNN on CPU when no gradient is needed: on this kind of
+machine MKL's fp32 GEMV/GEMM (what `F.linear` calls) reads weights at about half the bandwidth
+oneDNN reaches. The `onednn` backend is the same expert loop over float weights with `cpu_linear`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moesaic.kernels.reference import swiglu
@@ -75,12 +80,12 @@ class Int8Weight:
         return self.q.to(self.scale.dtype) * self.scale[..., None]
 
 
-def moe_experts_int8(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8Weight,
+def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8Weight,
                      expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """`moe_experts` on int8 expert weights: sort by expert, int8 matmuls per non-empty expert, scatter-add.
+    """`moe_experts` for inference on CPU: sort by expert, one matmul pair per non-empty expert, scatter-add.
 
-    Float (not yet quantized) weights go through the same plan with plain matmuls: this backend does not
-    quantize on the fly (quantize the model once: moesaic.inference.quantize.quantize_model).
+    Int8Weight experts use int8 matmuls (`int8` backend); float experts use `cpu_linear` (`onednn`
+    backend). Nothing is quantized on the fly: quantize the model once (inference.quantize).
     """
     k = expert_ids_TK.shape[1]
     order_N, counts_E, n_dropped = sort_by_expert(expert_ids_TK, w13_EGD.shape[0])
@@ -105,7 +110,29 @@ def moe_experts_int8(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8W
 def _expert_linear(x_MI: torch.Tensor, w: Int8Weight | torch.Tensor, e: int) -> torch.Tensor:
     if isinstance(w, Int8Weight):
         return int8_linear(x_MI, w.q[e], w.scale[e])
-    return x_MI @ w[e].t()
+    return cpu_linear(x_MI, w[e])
+
+
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def onednn_supports(x: torch.Tensor, w) -> bool:
+    """oneDNN path: CPU float inputs of one dtype and no gradient to compute (the op has no autograd)."""
+    if isinstance(w, Int8Weight) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if w.dtype != x.dtype:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+
+
+def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias): oneDNN on CPU for inference, F.linear otherwise (same numbers up to fp32 rounding)."""
+    if x_MI.dim() == 2 and x_MI.shape[0] > 0 and onednn_available() and onednn_supports(x_MI, w_OI) \
+            and (bias_O is None or bias_O.dtype == x_MI.dtype):
+        return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, bias_O, "none", [], "")
+    return F.linear(x_MI, w_OI, bias_O)
 
 
 class Int8Experts(nn.Module):
@@ -153,4 +180,16 @@ class Int8Linear(nn.Module):
         y = int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+moe_experts_int8 = moe_experts_weight_only  # the registered names: "int8" and "onednn"
+moe_experts_onednn = moe_experts_weight_only
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose forward goes through `cpu_linear` (same parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
