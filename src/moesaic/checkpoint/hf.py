@@ -51,9 +51,10 @@ def load_hf(path: str | Path, device: str | torch.device | None = None,
             dtype: torch.dtype | None = None) -> Transformer:
     """A `Transformer` in eval mode with the weights of a local HF folder (see module docstring)."""
     path = Path(path)
-    arch, cfg = hf_to_config(read_hf_config(path))
+    hf_cfg = read_hf_config(path)
+    arch, cfg = hf_to_config(hf_cfg)
     with SafetensorsReader(path) as reader:
-        dtype = dtype or _default_dtype(reader, read_hf_config(path))
+        dtype = dtype or _default_dtype(reader, hf_cfg)
         model = _empty_model(cfg, torch.device(device or "cpu"), dtype)
         entries = arch.entries(cfg, set(reader.names()))
         targets = dict(model.state_dict(keep_vars=True))
