@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import typer
 
-from moesaic.commands import export, info
+from moesaic.commands import export, generate, info, quickstart, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="moesaic: sparse Mixture-of-Experts language models.")
 
 COMMANDS = {
     "info": info.info,
-    "quickstart": info.quickstart,
+    "quickstart": quickstart.quickstart,
+    "train": train.train,
     "export": export.export,
+    "generate": generate.generate,
+    "chat": generate.chat,
 }
 
 for _name, _fn in COMMANDS.items():

@@ -50,6 +50,7 @@ class StepStats:
     n_targets: int = 0
     n_tokens: int = 0
     counts_LE: list[torch.Tensor] = field(default_factory=list)
+    prepass_counts_LE: list[torch.Tensor] | None = None  # the global counts the gradient used (pre-pass)
     n_dropped: int = 0
     top_k: int = 0
 
@@ -107,6 +108,7 @@ def forward_backward(model, micro_batches: list[MicroBatch], autocast=contextlib
         devices = [model.embed.weight.device] if model.embed.weight.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             global_counts = routing_prepass(model, micro_batches, autocast)
+        st.prepass_counts_LE = global_counts
     prob_sums: list[torch.Tensor] = []
     z_sums: list[torch.Tensor] = []
     for mb in micro_batches:
