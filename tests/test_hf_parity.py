@@ -110,6 +110,15 @@ def test_bf16_checkpoint_logits(case, tmp_path):
     assert rel_fro(ours, truth) <= 1.5 * rel_fro(ref, truth) + 1e-3
 
 
+@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3"])
+def test_fp16_checkpoint_logits(case, tmp_path):
+    hf_model = build_hf(case, init=0.02).to(torch.float16)
+    hf_model.save_pretrained(tmp_path)
+    ours, ref, model = logits_pair(hf_model, tmp_path)
+    assert model.embed.weight.dtype == torch.float16 and ours.dtype == torch.float16
+    assert rel_fro(ours, ref) <= 1e-2, f"{case}: fp16 relative error {rel_fro(ours, ref):.2e}"
+
+
 @pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
 def test_sharded_checkpoint(case, tmp_path):
     hf_model = build_hf(case)
