@@ -62,6 +62,7 @@ def test_deepseek_yarn_scale_matches_transformers():
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope type 'longrope'"),
     ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "truncate": False}}, "truncate=false"),
 ])
 def test_unsupported_features_are_named(extra, match):
     with pytest.raises(ArchError, match=f"LlamaForCausalLM: .*{match}"):

@@ -116,6 +116,8 @@ def rope_from_hf(h: HFConfig, max_pos: int) -> tuple[float, dict[str, Any] | Non
     if kind in ("llama3", "yarn"):
         scaling.setdefault("original_max_position_embeddings",
                            h.d.get("original_max_position_embeddings") or max_pos)
+    if kind == "yarn" and scaling.get("truncate", True) is False:
+        raise h.fail("YaRN with truncate=false is not supported (moesaic rounds the correction range)")
     if kind == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
     return theta, scaling
