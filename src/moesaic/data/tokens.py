@@ -67,10 +67,10 @@ def _encode(docs, tokenizer: Tokenizer, eos: int) -> np.ndarray:
 
 
 def prepare_data(source: str = "builtin", vocab_size: int = 8192, val_fraction: float = 0.02,
-                 cache_dir: str | Path | None = None, tokenizer: Tokenizer | None = None
-                 ) -> tuple[Tokenizer, TokenData, Corpus]:
+                 cache_dir: str | Path | None = None, tokenizer: Tokenizer | None = None,
+                 max_chars: int | None = None) -> tuple[Tokenizer, TokenData, Corpus]:
     """Read the corpus, train (or reuse) the tokenizer, tokenize (or reuse) both splits."""
-    corpus = read_corpus(source, val_fraction)
+    corpus = read_corpus(source, val_fraction, max_chars)
     tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab_size, cache_dir)
     return tok, tokenize_corpus(corpus, tok, cache_dir), corpus
 
