@@ -56,27 +56,28 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, TOPK, stride_xt, str
 
 
 @triton.jit
-def decode_w2_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, y_ptr, D, F, TOPK, stride_we, stride_wd, stride_yt,
-                     BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+def decode_w2_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, y_ptr, D, F, stride_we, stride_wd, stride_yt,
+                     TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # act_ptr [N, F] fp32; w_ptr [E, D, F] (F contiguous); wts_ptr [N] combine weights; y_ptr [T, D].
-    # One flat loop over (slot k, F chunk) so the pipeliner prefetches across the token's experts.
+    # The K slots are unrolled so the loads of a token's experts are issued back to back.
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cols_ld = (cols % D).to(tl.int64)
     ks = tl.arange(0, BK)
-    nf = tl.cdiv(F, BK)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for it in range(0, TOPK * nf):
-        n = t * TOPK + it // nf
-        f0 = (it % nf) * BK
+    for kk in tl.static_range(TOPK):
+        n = t * TOPK + kk
         e = tl.load(ids_ptr + n).to(tl.int64)
         wk = tl.load(wts_ptr + n).to(tl.float32)
-        f_ok = (e + tl.zeros((BK,), dtype=tl.int64)) >= 0  # a dropped pair's loads are masked off
-        if not EVEN_K:
-            f_ok = f_ok & (ks + f0 < F)
-        w = tl.load(w_ptr + e * stride_we + cols_ld[:, None] * stride_wd + (f0 + ks)[None, :],
-                    mask=f_ok[None, :], other=0.0).to(tl.float32)
-        a = tl.load(act_ptr + n * F + f0 + ks, mask=f_ok, other=0.0)
-        acc += w * (a * wk)[None, :]
+        valid = (e + tl.zeros((BK,), dtype=tl.int64)) >= 0  # a dropped pair's loads are masked off
+        w_ptrs = w_ptr + e * stride_we + cols_ld[:, None] * stride_wd + ks[None, :]
+        a_ptrs = act_ptr + n * F + ks
+        for f0 in range(0, F, BK):
+            f_ok = valid if EVEN_K else valid & (ks + f0 < F)
+            w = tl.load(w_ptrs, mask=f_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptrs, mask=f_ok, other=0.0)
+            acc += w * (a * wk)[None, :]
+            w_ptrs += BK
+            a_ptrs += BK
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)

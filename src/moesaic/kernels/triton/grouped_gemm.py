@@ -11,7 +11,8 @@ stored. Sorted row r holds pair sorted_ids[r]; the pair's token is pair // K.
   grouped_mm   C = A[rows] @ B[e]  with B[e] any [Kd, Ncols] strided view of an expert's weight;
                A rows gathered by token or taken in sorted order; output to the pair's row or the
                sorted row; optional per-row top-k weight; optional SwiGLU-backward epilogue.
-  wgrad        dW[e] = sum over e's rows of L[row].T R[row]  (the weight gradients)
+  wgrad        dW[e] = sum over e's rows of L[row].T R[row]  (the weight gradients; sorted zero-padded operands)
+  gather_rows  dst[row] = src[token] (* top-k weight): sorted, zero-padded copies for wgrad
   combine      y[t] = sum_k w[t,k] * o[t*K+k]  over the pairs that are not dropped
 """
 
@@ -83,6 +84,9 @@ def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, count
             u_ptrs += BK
         act = acc_g * tl.sigmoid(acc_g) * acc_u
         ok = row_ok[:, None] & (cols[None, :] < F)
+        if SAVE_H:  # training: padding rows hold zeros, so the weight-gradient GEMMs need no row masks
+            act = tl.where(row_ok[:, None], act, 0.0)
+            ok = (rows[:, None] >= 0) & (cols[None, :] < F)
         tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)
         if SAVE_H:
             h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
@@ -135,22 +139,21 @@ def grouped_mm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, block_expert_ptr, off_ptr
             g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(h_ptrs + NC, mask=ok, other=0.0).to(tl.float32)
             sg = tl.sigmoid(g)
-            dg = acc * u * sg * (1.0 + g * (1.0 - sg))
-            du = acc * g * sg
-            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok)
-            tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok)
+            dg = tl.where(row_ok[:, None], acc * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
+            du = tl.where(row_ok[:, None], acc * g * sg, 0.0)
+            ok_all = (rows[:, None] >= 0) & (cols[None, :] < NC)  # padding rows get zeros (see wgrad)
+            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok_all)
+            tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok_all)
         else:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def wgrad_kernel(l_ptr, r_ptr, dw_ptr, sorted_ptr, off_ptr, counts_ptr, w_ptr,
-                 NI, NJ, TOPK, stride_l, stride_r, stride_we, stride_wi, stride_wj,
-                 BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr,
-                 L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_GATHER: tl.constexpr,
-                 DOT_F32: tl.constexpr):
-    # dw_ptr [E, NI, NJ]: dW[e] = sum over rows of expert e of L[row, :NI]^T R[row, :NJ].
-    # l_ptr/r_ptr rows are tokens (*_GATHER) or sorted rows; L_SCALE multiplies L's rows by w[pair].
+def wgrad_kernel(l_ptr, r_ptr, dw_ptr, off_ptr, NI, NJ, stride_l, stride_r, stride_we, stride_wi, stride_wj,
+                 BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr, DOT_F32: tl.constexpr):
+    # dw_ptr [E, NI, NJ]: dW[e] = sum over e's padded sorted rows of L[row, :NI]^T R[row, :NJ].
+    # l_ptr [P, NI], r_ptr [P, NJ] in sorted order with zeros in padding rows (so no row masks);
+    # BR divides the row block, so [off[e], off[e+1]) is a whole number of BR-row steps.
     pid = tl.program_id(0)
     n_i = tl.cdiv(NI, BI)
     n_j = tl.cdiv(NJ, BJ)
@@ -162,25 +165,40 @@ def wgrad_kernel(l_ptr, r_ptr, dw_ptr, sorted_ptr, off_ptr, counts_ptr, w_ptr,
     i_ld = (i % NI).to(tl.int64)
     j_ld = (j % NJ).to(tl.int64)
     start = tl.load(off_ptr + e)
-    end = start + tl.load(counts_ptr + e)
+    end = tl.load(off_ptr + e + 1)
+    rr_ = tl.arange(0, BR).to(tl.int64)
+    l_ptrs = l_ptr + (start + rr_)[None, :] * stride_l + i_ld[:, None]
+    r_ptrs = r_ptr + (start + rr_)[:, None] * stride_r + j_ld[None, :]
     acc = tl.zeros((BI, BJ), dtype=tl.float32)
-    for r0 in range(start, end, BR):
-        rows = r0 + tl.arange(0, BR)
-        ok = rows < end
-        pair = tl.load(sorted_ptr + rows, mask=ok, other=0).to(tl.int64)
-        tok = pair // TOPK
-        l_row = tok if L_GATHER else rows.to(tl.int64)
-        r_row = tok if R_GATHER else rows.to(tl.int64)
-        lt = tl.load(l_ptr + l_row[None, :] * stride_l + i_ld[:, None], mask=ok[None, :], other=0.0)
-        rr = tl.load(r_ptr + r_row[:, None] * stride_r + j_ld[None, :], mask=ok[:, None], other=0.0)
-        if L_SCALE:
-            wr = tl.load(w_ptr + pair, mask=ok, other=0.0).to(tl.float32)
-            lt = (lt.to(tl.float32) * wr[None, :]).to(rr.dtype)
+    for _ in range(start, end, BR):
+        lt = tl.load(l_ptrs)
+        rr = tl.load(r_ptrs)
         if DOT_F32:
             lt, rr = lt.to(tl.float32), rr.to(tl.float32)
         acc = tl.dot(lt, rr, acc)
+        l_ptrs += BR * stride_l
+        r_ptrs += BR * stride_r
     ptrs = dw_ptr + e * stride_we + i[:, None].to(tl.int64) * stride_wi + j[None, :] * stride_wj
     tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(i[:, None] < NI) & (j[None, :] < NJ))
+
+
+@triton.jit
+def gather_rows_kernel(src_ptr, dst_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, w_ptr,
+                       E, NC, TOPK, stride_src, stride_dst,
+                       BM: tl.constexpr, BC: tl.constexpr, SCALE_W: tl.constexpr):
+    # dst_ptr [P, NC] sorted rows: src[token of the row's pair] (* w[pair] if SCALE_W); padding rows 0.
+    pid_m = tl.program_id(0)
+    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                   counts_ptr, E, TOPK, BM)
+    if live:
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        c_ok = cols < NC
+        v = tl.load(src_ptr + tok[:, None] * stride_src + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        if SCALE_W:
+            v = (v.to(tl.float32) * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None])
+        tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], v.to(dst_ptr.dtype.element_ty),
+                 mask=c_ok[None, :])
 
 
 @triton.jit

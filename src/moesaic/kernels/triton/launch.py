@@ -59,7 +59,7 @@ def bm_candidates(t: int, e: int, k: int) -> list[int]:
     if r <= 48:
         return [16, 32]
     if r <= 128:
-        return [32, 64]
+        return [32, 64, 128]
     return [64, 128]
 
 

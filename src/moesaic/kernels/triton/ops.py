@@ -11,9 +11,11 @@ Forward (grouped path):
 Forward (decode path): decode_w13 then decode_w2 with the combine fused (decode.py).
 Backward (always grouped; training batches are large):
  dw[t,k] = <dy[t], o[t*K+k]>
- dh_PG   = SwiGLU'(h_PG) * (w[pair] * dy[tok] @ w2[e])                  (grouped_mm, SWIGLU_BWD)
+ do_PD   = w[pair] * dy[tok] in sorted rows, zero padding                (gather_rows)
+ dh_PG   = SwiGLU'(h_PG) * (do_PD @ w2[e])                              (grouped_mm, SWIGLU_BWD)
  dx_TD   = sum_k dh_PG[row(t,k)] @ w13[e]                               (grouped_mm + combine)
- dw13[e] = dh_PG[rows of e].T @ x[tok]    dw2[e] = (w * dy[tok]).T @ act_PF[rows of e]   (wgrad)
+ dw13[e] = dh_PG[rows of e].T @ x[tok]    dw2[e] = do_PD[rows of e].T @ act_PF[rows of e]   (wgrad)
+ (padding rows of act, dh, do and the gathered x are zeros, so wgrad runs without row masks)
 """
 
 from __future__ import annotations
@@ -115,8 +117,8 @@ def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch
         x_TD, w13_EGD, ids_N, act, d, f, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
         BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, num_warps=g1.num_warps, num_stages=g1.num_stages)
     launcher(dk.decode_w2_kernel)((t, triton.cdiv(d, g2.bn)),
-        act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, k, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
-        BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
+        act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
+        TOPK=k, BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
     return y
 
 
@@ -125,14 +127,24 @@ def _bwd_gemm(bm: int) -> GemmConfig:
     return GemmConfig(64, 128, 4, 4, 4) if bm <= 32 else GemmConfig(128, 64, 8, 8, 3)
 
 
-def _run_wgrad(lhs, rhs, dw, al: Alignment, topk: int, w_N, *, l_gather: bool, r_gather: bool):
+def _run_wgrad(lhs, rhs, dw, al: Alignment):
     e, ni, nj = dw.shape
-    bi, bj, br = 128, 128, 64
+    bi, bj, br = 128, 128, min(64, al.block_m)
     launcher(gk.wgrad_kernel)((e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),),
-        lhs, rhs, dw, al.sorted_ids_P, al.off_E1, al.counts_E, w_N if w_N is not None else lhs,
-        ni, nj, topk, lhs.stride(0), rhs.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-        BI=bi, BJ=bj, BR=br, L_GATHER=l_gather, L_SCALE=w_N is not None, R_GATHER=r_gather,
-        DOT_F32=_dot_f32(lhs.dtype), num_warps=8, num_stages=3)
+        lhs, rhs, dw, al.off_E1, ni, nj, lhs.stride(0), rhs.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+        BI=bi, BJ=bj, BR=br, DOT_F32=_dot_f32(lhs.dtype), num_warps=8, num_stages=3)
+
+
+def _gather_sorted(src_TC, al: Alignment, topk: int, w_N=None):
+    """[P, C] sorted copy of token rows (scaled by the pair's weight if given); zeros in padding rows."""
+    c = src_TC.shape[1]
+    dst = torch.empty((al.sorted_ids_P.shape[0], c), dtype=src_TC.dtype, device=src_TC.device)
+    bc = min(256, triton.next_power_of_2(c))
+    launcher(gk.gather_rows_kernel)((al.max_blocks, triton.cdiv(c, bc)),
+        src_TC, dst, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w_N if w_N is not None else src_TC,
+        al.counts_E.shape[0], c, topk, src_TC.stride(0), dst.stride(0), BM=al.block_m, BC=bc,
+        SCALE_W=w_N is not None, num_warps=4)
+    return dst
 
 
 def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
@@ -147,13 +159,18 @@ def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
     dy = dy_TD.contiguous()
     g = _bwd_gemm(al.block_m)
     dx = dw13 = dw2 = dwt = None
-    if needs[4]:
-        dwt = (dy.float().unsqueeze(1) * o.view(t, k, d).float()).sum(-1)
-        dwt = torch.where(ids_TK >= 0, dwt, torch.zeros_like(dwt)).to(w_TK.dtype)
+    if needs[4]:  # o rows of dropped pairs are zero (forward with save), so they give 0
+        dwt = torch.bmm(o.view(t, k, d), dy.view(t, d, 1)).view(t, k).to(w_TK.dtype)
+    if not (needs[0] or needs[1] or needs[2]):
+        return dx, dw13, dw2, dwt
+    do_PD = _gather_sorted(dy, al, k, w_N)  # w[pair] * dy[token], sorted, zero padding rows
+    if needs[2]:
+        dw2 = torch.empty_like(w2_EDF)
+        _run_wgrad(do_PD, act, dw2, al)
     if needs[0] or needs[1]:
         dh = torch.empty_like(h)
-        run_mm(dy, w2_EDF, (w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2)), dh, al, k, f, d, g,
-               a_gather=True, out_pair=False, w_N=w_N, h_PG=h)
+        run_mm(do_PD, w2_EDF, (w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2)), dh, al, k, f, d, g,
+               a_gather=False, out_pair=False, h_PG=h)
         if needs[0]:
             dxn = torch.empty((t * k, d), dtype=x_TD.dtype, device=x_TD.device)
             run_mm(dh, w13_EGD, (w13_EGD.stride(0), w13_EGD.stride(1), w13_EGD.stride(2)), dxn, al, k, d, gg,
@@ -161,10 +178,7 @@ def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
             dx = run_combine(dxn, ids_N, None, t, d, k, x_TD.dtype)
         if needs[1]:
             dw13 = torch.empty_like(w13_EGD)
-            _run_wgrad(dh, x_TD, dw13, al, k, None, l_gather=False, r_gather=True)
-    if needs[2]:
-        dw2 = torch.empty_like(w2_EDF)
-        _run_wgrad(dy, act, dw2, al, k, w_N, l_gather=True, r_gather=False)
+            _run_wgrad(dh, _gather_sorted(x_TD, al, k), dw13, al)
     return dx, dw13, dw2, dwt
 
 
