@@ -76,3 +76,13 @@ def test_model_type_fallback_and_aliases():
     _, cfg2 = hf_to_config({"architectures": ["Qwen3MoeForCausalLM"], **BASE, "num_local_experts": 6,
                             "num_experts_per_tok": 2, "moe_intermediate_size": 16})
     assert cfg2.num_experts == 6
+
+
+def test_deepseek_v2_group_limited_routing_is_refused():
+    d = {"architectures": ["DeepseekV2ForCausalLM"], **BASE, "n_routed_experts": 8, "num_experts_per_tok": 2,
+         "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "kv_lora_rank": 16,
+         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "q_lora_rank": None}
+    with pytest.raises(ArchError, match="DeepseekV2ForCausalLM: topk_method='group_limited_greedy' with n_group=4"):
+        hf_to_config(d)
+    arch, cfg = hf_to_config({**d, "topk_method": "greedy"})
+    assert arch.name == "DeepseekV2ForCausalLM" and cfg.router == "softmax_topk" and not cfg.normalize_topk

@@ -42,6 +42,11 @@ CASES: dict[str, tuple[str, dict]] = {
                                                     "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                     "original_max_position_embeddings": 32, "mscale": 1.0,
                                                     "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}),
+    "deepseek_v2": ("DeepseekV2", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=6,
+                                       num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
+                                       kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                                       num_key_value_heads=4, n_shared_experts=1, routed_scaling_factor=1.5,
+                                       topk_method="greedy")),
     "llama": ("Llama", dict(intermediate_size=40, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
@@ -183,7 +188,7 @@ def _saved(hf_model, folder):
     return folder
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "llama"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     """32 greedy tokens: transformers `generate` vs moesaic's inference Engine (KV cache, incremental decode)."""
     from moesaic.inference.engine import Engine

@@ -9,27 +9,27 @@ from __future__ import annotations
 from typing import Any
 
 from moesaic.checkpoint.archs.base import Arch, ArchError
-from moesaic.checkpoint.archs.deepseek import DeepseekV3
+from moesaic.checkpoint.archs.deepseek import DeepseekV2, DeepseekV3
 from moesaic.checkpoint.archs.dense import Llama, Mistral, Qwen2, Qwen3
 from moesaic.checkpoint.archs.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from moesaic.config import ModelConfig
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV3(),
-                                              Llama(), Mistral(), Qwen2(), Qwen3())}
+                                              DeepseekV2(), Llama(), Mistral(), Qwen2(), Qwen3())}
 BY_MODEL_TYPE: dict[str, Arch] = {a.model_type: a for a in ARCHS.values()}
 
 # Known architectures moesaic does not run, and the feature that blocks each.
 UNSUPPORTED: dict[str, str] = {
     "GptOssForCausalLM": "attention sinks, alternating sliding-window layers and clamped SwiGLU experts with "
                          "biases are not implemented",
-    "DeepseekV2ForCausalLM": "DeepSeek-V2 routing (softmax, group_limited_greedy) is not mapped; V3 is",
     "Qwen3NextForCausalLM": "gated DeltaNet linear-attention layers are not implemented",
     "Llama4ForCausalLM": "chunked attention and interleaved MoE with a different expert layout are not mapped",
 }
 
 # Export preference: the most specific architecture first.
 EXPORT_ORDER = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
-                "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+                "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
+                "Qwen3ForCausalLM")
 
 
 def supported() -> list[str]:

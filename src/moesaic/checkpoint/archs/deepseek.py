@@ -135,3 +135,53 @@ class DeepseekV3(Arch):
                  rope_interleave=cfg.rope_interleave, attention_bias=False, num_nextn_predict_layers=0,
                  output_router_logits=False)
         return d
+
+
+class DeepseekV2(DeepseekV3):
+    """DeepSeek-V2 (and V2-Lite): V3's MLA and layer layout with softmax top-k routing ("greedy"), never
+    renormalised, times routed_scaling_factor; no correction bias. RoPE pairs are interleaved (transformers
+    rotates them as complex numbers, which equals DeepSeek's interleaved layout up to a permutation of the
+    rotary dims applied to q and k alike)."""
+
+    name, model_type = "DeepseekV2ForCausalLM", "deepseek_v2"
+    defaults = {**DeepseekV3.defaults, "n_routed_experts": 64, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+                "first_k_dense_replace": 0, "moe_intermediate_size": 1407, "intermediate_size": 11008,
+                "max_position_embeddings": 2048}
+
+    def to_config(self, d: dict[str, Any]) -> ModelConfig:
+        h = self.hf(d)
+        method = h.d.get("topk_method", "greedy")
+        n_group = int(h.d.get("n_group") or 1)
+        if method not in ("greedy", "group_limited_greedy") or (method != "greedy" and n_group > 1):
+            raise h.fail(f"topk_method={method!r} with n_group={n_group} is not supported (only 'greedy' "
+                         "softmax top-k is mapped; group-limited softmax routing is not)")
+        # V3's parser (groups off: greedy routing ignores them), then the V2 router.
+        d = {**d, "scoring_func": "sigmoid", "rope_interleave": True, "n_group": 1, "topk_group": 1}
+        cfg = super().to_config(d)
+        return cfg.replace(router="softmax_topk", normalize_topk=False, n_group=1, topk_group=1)
+
+    def entries(self, cfg: ModelConfig, names: set[str] | None = None) -> list[Entry]:
+        return [e for e in super().entries(cfg, names) if not e.ours.endswith("router.correction_bias")]
+
+    def export_blocker(self, cfg: ModelConfig) -> str | None:
+        why = []
+        if cfg.attention != "mla" or not cfg.rope_interleave:
+            why.append("DeepSeek-V2 needs attention='mla' with rope_interleave")
+        if cfg.qkv_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None:
+            why.append("qkv_bias / qk_norm / clip_qkv (not in DeepSeek-V2 attention)")
+        if not cfg.is_moe:
+            return "; ".join(why + ["num_experts=0 (an MoE architecture)"])
+        if cfg.router != "softmax_topk" or cfg.normalize_topk or cfg.capacity_factor is not None:
+            why.append("DeepSeek-V2 routing is softmax top-k without renormalisation or capacity")
+        if cfg.num_shared_experts < 1 or cfg.shared_expert_gate or cfg.shared_ffn % cfg.expert_ffn:
+            why.append("DeepSeek-V2 needs ungated shared experts sized a multiple of expert_ffn")
+        if cfg.moe_layers != list(range(cfg.first_dense_layers, cfg.n_layers)):
+            why.append("dense layers after the first MoE layer (moe_every / mlp_only_layers)")
+        return "; ".join(why) or None
+
+    def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        d = super().to_hf(cfg)
+        for k in ("rope_interleave", "num_nextn_predict_layers"):
+            d.pop(k, None)
+        d.update(topk_method="greedy", n_group=None, topk_group=None, norm_topk_prob=False)
+        return d
