@@ -61,9 +61,21 @@ def report(res, con: Console) -> None:
                     "equal tokens (parameters exclude embedding and LM head).")
     tok = Tokenizer.from_folder(res.out)
     Console().print("[bold]sample[/] (MoE, temperature 0.8):\n" + sample(moe, tok, "def ", 60))
-    Console().print(f"\nnext: moesaic generate {res.out} --prompt 'import os'   |   moesaic serve {res.out}   |   "
-                    f"moesaic analyze {res.out}\n      moesaic train --preset small --steps 2000 --out runs/mine "
-                    "--dense-twin active   (metrics in runs/mine/metrics.jsonl)")
+    Console().print("\n[bold]next[/]:\n" + "\n".join(next_commands(res.out)))
+
+
+def next_commands(run: Path) -> list[str]:
+    """Commands to try next, only those this installation has."""
+    from moesaic.cli import COMMANDS
+
+    cmds = {"generate": f"  moesaic generate {run} --prompt 'import os' --max-tokens 64 --temperature 0.8",
+            "chat": f"  moesaic chat {run}",
+            "serve": f"  moesaic serve {run}        # OpenAI-compatible HTTP server",
+            "analyze": f"  moesaic analyze {run}      # which experts serve which tokens"}
+    lines = [c for name, c in cmds.items() if name in COMMANDS]
+    lines.append("  moesaic train --preset small --steps 2000 --out runs/mine --dense-twin active"
+                 "   # metrics: runs/mine/metrics.jsonl")
+    return lines
 
 
 def _m(n: int) -> str:

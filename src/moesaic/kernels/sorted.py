@@ -39,11 +39,14 @@ def _grouped_swiglu_mlp(x_ND: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: torch
         return grouped(swiglu(h), w2_EDF.transpose(1, 2), offs=offs)
     outs = []
     start = 0
+    # unbind once: the backward of E separate `w[e]` selects would zero-fill a full [E, ...] gradient
+    # per expert (E^2 work); unbind's backward stacks the E expert gradients once
+    w13_E, w2_E = w13_EGD.unbind(0), w2_EDF.unbind(0)
     for e, c in enumerate(counts_E.tolist()):
         if c == 0:
             continue
         x = x_ND[start:start + c]
-        outs.append(swiglu(x @ w13_EGD[e].t()) @ w2_EDF[e].t())
+        outs.append(swiglu(x @ w13_E[e].t()) @ w2_E[e].t())
         start += c
     if not outs:
         return x_ND.new_zeros((0, w2_EDF.shape[1]))
