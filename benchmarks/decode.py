@@ -11,6 +11,7 @@ For each MoE shape (coarse: 8 experts top-2; fine-grained: 64 experts top-8) and
   dense       a dense moesaic model with the same total parameters, run by the Engine
 Decode time excludes the prefill: moesaic times its decode steps; for transformers a logits
 processor stamps the clock at each step (the first stamp is right after the prefill forward).
+The step time is the median over the decode steps (after two warm-up steps): the cores are shared.
 
 Floor = bytes of weights one decode step reads (the unique experts the batch's tokens chose in
 each MoE layer, counted with a hook during the moesaic run, + attention, norms, routers, LM head;
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -122,7 +124,7 @@ def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, **engine_kw
         counter.end_step()
     counter.close()
     warm = 2 if len(steps) > 4 else 0  # the first decode steps create kernels' primitives
-    dt = sum(steps[warm:]) / len(steps[warm:])
+    dt = statistics.median(steps[warm:])  # the median: other people's jobs share these cores
     uniq = sum(counter.per_step[warm:]) / max(1, len(counter.per_step[warm:]))
     return {"step_s": dt, "tokens_per_s": batch / dt, "unique_experts_per_step": uniq}
 
@@ -162,7 +164,7 @@ def run_hf(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict
                     logits_processor=LogitsProcessorList([stamp]))
     gaps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
     warm = 2 if len(gaps) > 4 else 0
-    dt = sum(gaps[warm:]) / len(gaps[warm:])
+    dt = statistics.median(gaps[warm:])
     return {"step_s": dt, "tokens_per_s": batch / dt}
 
 

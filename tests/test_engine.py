@@ -40,10 +40,13 @@ def prompts_of(lengths, seed=1):
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("backend", ["reference", "sorted"])
-def test_greedy_matches_naive_loop_with_joins_and_leaves(backend):
+@pytest.mark.parametrize("backend,prefill_tokens", [("reference", 2048), ("sorted", 2048), ("sorted", 1),
+                                                    ("onednn", 20), ("int8", 2048)])
+def test_greedy_matches_naive_loop_with_joins_and_leaves(backend, prefill_tokens):
+    """prefill_tokens: 2048 batches the right-padded prompts of requests joining together; 1 prefills
+    each alone; 20 splits them. int8 quantizes the experts (the naive loop then runs the same model)."""
     model = tiny_model()
-    eng = Engine(model, max_batch=3, backend=backend)
+    eng = Engine(model, max_batch=3, backend=backend, prefill_tokens=prefill_tokens)
     prompts = prompts_of([5, 11, 2, 17, 8])
     max_toks = [9, 4, 12, 6, 7]
     stop = {prompts[0][0]}  # a stop token that may or may not come up

@@ -47,8 +47,8 @@ class SlotCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
-    def view(self, slots: list[int]) -> SlotView:
-        return SlotView(self, slots)
+    def view(self, slots: list[int], n_new: list[int] | None = None) -> SlotView:
+        return SlotView(self, slots, n_new)
 
     def reset(self, slot: int) -> None:
         """Free a slot: its length goes to 0 (stale keys are never read: masks stop at the length)."""
@@ -64,13 +64,21 @@ class SlotCache:
 
 
 class SlotView:
-    """The KV cache protocol for the rows `slots` of one forward (all rows get T new tokens)."""
+    """The KV cache protocol for the rows `slots` of one forward.
 
-    def __init__(self, cache: SlotCache, slots: list[int]) -> None:
+    Every row gets T new tokens in the forward; with `n_new`, row b commits only its first n_new[b]
+    (right-padded prompts of a batched prefill): the padding's keys land past the row's length, where
+    no later query looks (the mask stops at each query's own position) and the next tokens overwrite them.
+    """
+
+    def __init__(self, cache: SlotCache, slots: list[int], n_new: list[int] | None = None) -> None:
         if not slots:
             raise ValueError("SlotView needs at least one slot")
+        if n_new is not None and len(n_new) != len(slots):
+            raise ValueError(f"SlotView n_new has {len(n_new)} entries for {len(slots)} slots")
         self.cache = cache
         self.slots = list(slots)
+        self._n_new = None if n_new is None else torch.tensor(n_new, dtype=torch.long, device=cache.lengths.device)
         lo = self.slots[0]
         self._range = (lo, lo + len(slots)) if self.slots == list(range(lo, lo + len(slots))) else None
         self._idx = torch.tensor(self.slots, dtype=torch.long, device=cache.lengths.device)
@@ -120,5 +128,6 @@ class SlotView:
         return self._pos_cache[key]
 
     def advance(self, t: int) -> None:
-        self.cache.lengths.index_add_(0, self._idx, torch.full_like(self._idx, t))
+        step = torch.full_like(self._idx, t) if self._n_new is None else self._n_new.clamp(max=t)
+        self.cache.lengths.index_add_(0, self._idx, step)
         self._pos_cache.clear()

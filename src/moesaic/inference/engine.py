@@ -4,7 +4,8 @@ Shape legend: B running rows of one forward, T new tokens, V vocabulary.
 
 One `step()`:
  1. admit waiting requests into free KV slots (continuous batching: at step boundaries);
- 2. prefill each newly admitted request (its whole prompt, one forward) and sample its first token;
+ 2. prefill the newly admitted requests (right-padded prompts batched in one forward, up to a
+    token budget) and sample each one's first token;
  3. decode one token for every other running request: one forward over all of them with T = 1
     (rows are grouped by experts_per_token, since a forward routes every row to the same k;
     with `deterministic=True` every row runs alone, so its arithmetic never depends on batch-mates);
@@ -41,13 +42,16 @@ class Engine:
             inference.quantize); None keeps them. quantize_linears: also attention, dense FFNs, LM head.
         onednn: on CPU, run float linears and experts through oneDNN (`inference.quantize.use_onednn`;
             MKL's fp32 matmuls read weights at about half the bandwidth here); the model is changed in place.
+        prefill_tokens: new requests are prefilled together, right-padded, up to this many padded tokens
+            per forward.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
             its batch-mates (slower: weights are read once per row instead of once per step).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
-                 quantize_linears: bool = False, deterministic: bool = False, onednn: bool = True) -> None:
+                 quantize_linears: bool = False, deterministic: bool = False, onednn: bool = True,
+                 prefill_tokens: int = 2048) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
         cfg = model.config
@@ -71,6 +75,9 @@ class Engine:
             use_onednn(self.model)
         self.tokenizer = tokenizer
         self.deterministic = deterministic
+        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+            raise ValueError(f"Engine prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
         self.vocab = cfg.vocab_size
         p = self.model.embed.weight
         cache_dtype = p.dtype
@@ -149,8 +156,8 @@ class Engine:
         """Run one engine step (see the module plan); returns the requests that finished in it."""
         with self._step_lock:
             new = self.scheduler.admit()
-            for req in new:
-                self._prefill(req)
+            for group in self._prefill_groups(new):
+                self._prefill(group)
             fresh = {id(r) for r in new}
             decode = [r for r in self.scheduler.running if not r.finished and id(r) not in fresh]
             for group in self._groups(decode):
@@ -165,11 +172,35 @@ class Engine:
             by_k.setdefault(r.experts_per_token, []).append(r)
         return list(by_k.values())
 
-    def _prefill(self, req: Request) -> None:
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model.forward_aux(ids, cache=self.cache.view([req.slot]), top_k=req.experts_per_token,
-                                     last_only=True)
-        self._sample([req], out.logits[:, -1])
+    def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Batches of new requests to prefill together: same experts_per_token, right-padded to the
+        longest prompt, at most `prefill_tokens` padded tokens per batch (one request always fits)."""
+        out: list[list[Request]] = []
+        for group in self._groups(reqs):
+            group = sorted(group, key=lambda r: len(r.prompt_ids))
+            cur: list[Request] = []
+            for r in group:
+                if cur and (len(cur) + 1) * len(r.prompt_ids) > self.prefill_tokens:
+                    out.append(cur)
+                    cur = []
+                cur.append(r)
+            if cur:
+                out.append(cur)
+        return out
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        lens = [len(r.prompt_ids) for r in reqs]
+        t = max(lens)
+        ids = torch.zeros(len(reqs), t, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, :lens[i]] = torch.tensor(r.prompt_ids)
+        ids = ids.to(self.device)
+        padded = min(lens) != t
+        view = self.cache.view([r.slot for r in reqs], lens if padded else None)
+        mask = (torch.arange(t)[None, :] < torch.tensor(lens)[:, None]).to(self.device) if padded else None
+        out = self.model.forward_aux(ids, cache=view, token_mask=mask, top_k=reqs[0].experts_per_token,
+                                     logits_index=torch.tensor(lens) - 1)
+        self._sample(reqs, out.logits[:, -1])
 
     def _decode(self, reqs: list[Request]) -> None:
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], dtype=torch.long, device=self.device)

@@ -75,9 +75,26 @@ class Int8Weight:
         """Expert e dequantized ([O, I] in the scale dtype): one expert's copy, for the float backends."""
         return self.q[e].to(self.scale.dtype) * self.scale[e][:, None]
 
+    def unbind(self, dim: int = 0) -> _LazyExperts:
+        """Per-expert access like `tensor.unbind(0)`, dequantizing an expert only when it is indexed."""
+        if dim != 0:
+            raise ValueError(f"Int8Weight.unbind supports dim=0 (experts) only, got {dim}")
+        return _LazyExperts(self)
+
     def dequantize(self) -> torch.Tensor:
         """The whole float tensor (tests and export only)."""
         return self.q.to(self.scale.dtype) * self.scale[..., None]
+
+
+class _LazyExperts:
+    def __init__(self, w: Int8Weight) -> None:
+        self._w = w
+
+    def __len__(self) -> int:
+        return self._w.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self._w[e]
 
 
 def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF: Int8Weight,

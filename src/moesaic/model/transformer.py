@@ -71,13 +71,15 @@ class Transformer(nn.Module):
 
     def forward_aux(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                     token_mask: torch.Tensor | None = None, top_k: int | None = None,
-                    last_only: bool = False) -> ModelOutput:
+                    last_only: bool = False, logits_index: torch.Tensor | None = None) -> ModelOutput:
         """Full forward returning logits and router outputs.
 
         positions [B, T]: absolute positions (default: from the cache, else 0..T-1);
         token_mask [B, T]: True for real tokens (router statistics ignore the rest);
         top_k: route each token to fewer experts than trained (inference dial);
-        last_only: compute logits for the last position only ([B, 1, V]).
+        last_only: compute logits for the last position only ([B, 1, V]);
+        logits_index [B]: compute logits only at position logits_index[b] of row b ([B, 1, V]; the
+            engine's batched prefill of right-padded prompts).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -93,7 +95,11 @@ class Transformer(nn.Module):
                 routers.append(r)
         if cache is not None:
             cache.advance(t)
-        x = self.norm(x[:, -1:] if last_only else x)
+        if logits_index is not None:
+            x = x[torch.arange(b, device=x.device), logits_index.to(x.device)][:, None]
+        elif last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
         return ModelOutput(self.lm_head(x), routers)
 
     # ---------------------------------------------------------------- helpers
