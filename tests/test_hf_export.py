@@ -177,3 +177,19 @@ def test_hf_to_moesaic_to_hf(case, tmp_path):
     with torch.no_grad():
         ref, out = hf(ids).logits, again(ids).logits
     assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_bf16_export_keeps_deepseek_routing_fp32(tmp_path):
+    """As transformers keeps DeepSeek's gate weight and correction bias fp32, so does the exported file."""
+    from safetensors import safe_open
+
+    model = make_model("deepseek_v3")
+    export_hf(model, tmp_path / "hf", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    back = load(tmp_path / "hf")
+    for i in (1, 2):
+        assert torch.equal(back.blocks[i].ffn.router.weight, model.blocks[i].ffn.router.weight)
+        assert torch.equal(back.blocks[i].ffn.router.correction_bias, model.blocks[i].ffn.router.correction_bias)

@@ -38,7 +38,7 @@ def hf_tensors(model: Transformer, arch: Arch, dtype: torch.dtype | None = None)
     pairs = (p for entry in arch.entries(cfg, None) for p in split_for_export(entry, state[entry.ours]))
     for name, t in itertools.chain(pairs, arch.export_extra(cfg)):
         t = arch.export_adjust(cfg, name, t.detach())
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+        if dtype is not None and t.is_floating_point() and not arch.keep_fp32(name):
             t = t.to(dtype)
         yield name, t.contiguous()
 

@@ -262,6 +262,10 @@ class Arch:
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         raise NotImplementedError
 
+    def keep_fp32(self, key: str) -> bool:
+        """HF tensors the architecture keeps in fp32 whatever the model dtype (written fp32 on export)."""
+        return False
+
     def export_adjust(self, cfg: ModelConfig, key: str, t: torch.Tensor) -> torch.Tensor:
         """An exact rewrite of one exported tensor where the HF layout needs it (default: none)."""
         return t

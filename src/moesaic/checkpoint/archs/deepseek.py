@@ -96,6 +96,9 @@ class DeepseekV3(Arch):
                       Copy(f"{o}.wkv_b.weight", f"{a}.kv_b_proj.weight"),
                       Copy(f"{o}.wo.weight", f"{a}.o_proj.weight")]
 
+    def keep_fp32(self, key: str) -> bool:  # transformers' _keep_in_fp32_modules_strict for DeepSeek
+        return key.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
+
     def ignored(self, key: str, cfg: ModelConfig) -> bool:
         m = _LAYER.match(key)
         if m and int(m.group(1)) >= cfg.n_layers:  # multi-token-prediction modules
