@@ -266,6 +266,42 @@ def profile_train(name, t, rep_ms) -> None:
         print(f"#   {sname}: {bench(fn, 'cuda', rep_ms) * 1e6:.1f} us")
 
 
+MODEL_SHAPES = {  # whole-model training step: a few decoder layers at the real expert shapes
+    "Mixtral-8x7B": dict(d_model=4096, n_heads=32, n_kv_heads=8, ffn=14336, num_experts=8, top_k=2,
+                         expert_ffn=14336, n_layers=2),
+    "Qwen3-30B-A3B": dict(d_model=2048, n_heads=32, n_kv_heads=4, ffn=6144, num_experts=128, top_k=8,
+                          expert_ffn=768, n_layers=4),
+}
+
+
+def train_model_step(name: str, batch: int, seq: int, rep_ms: int) -> dict:
+    """One optimizer step (forward, cross-entropy, backward, AdamW) of a bf16 moesaic Transformer,
+    with the MoE layers on the sorted backend and on the triton backend."""
+    from moesaic.config import ModelConfig
+    from moesaic.model.transformer import Transformer
+
+    cfg = ModelConfig.preset("tiny", vocab_size=32000, max_seq_len=seq, **MODEL_SHAPES[name])
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device="cuda", dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+    out = {"shape": name, "layers": cfg.n_layers, "tokens": batch * seq}
+
+    def step():
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for backend in ("sorted", "triton"):
+        model.set_moe_backend(backend)
+        step()
+        out[backend] = bench(step, "cuda", rep_ms)
+    out["speedup"] = out["sorted"] / out["triton"]
+    return out
+
+
 def print_table(rows, impl_names) -> None:
     print("\n| shape | T | floor us | " + " | ".join(f"{n} us (eff)" for n in impl_names)
           + " | triton TFLOP/s | triton GB/s | triton err |")
@@ -306,10 +342,20 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/moe_layer_<device>.json)")
     p.add_argument("--profile", nargs=2, metavar=("SHAPE", "T"), action="append", default=[],
                    help="print the stage breakdown and host overhead of one point, then exit")
+    p.add_argument("--train-model", nargs="*", default=None, metavar="SHAPE",
+                   help=f"time a whole-model optimizer step, sorted vs triton (from {list(MODEL_SHAPES)}), then exit")
     p.add_argument("--profile-train", nargs=2, metavar=("SHAPE", "T"), action="append", default=[],
                    help="print the forward/backward stage times of one point, then exit")
     a = p.parse_args(argv)
     dev = a.device
+    if a.train_model is not None:
+        res = [train_model_step(n, 4, 1024, a.rep_ms) for n in (a.train_model or list(MODEL_SHAPES))]
+        for r in res:
+            print(f"# model step {r['shape']} ({r['layers']} layers, {r['tokens']} tokens): sorted "
+                  f"{r['sorted'] * 1e3:.1f} ms, triton {r['triton'] * 1e3:.1f} ms, speedup {r['speedup']:.2f}x")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return
     if a.profile or a.profile_train:
         for name, t in a.profile:
             profile_point(name, int(t), a.rep_ms)
