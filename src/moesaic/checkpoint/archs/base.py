@@ -30,17 +30,11 @@ class Copy:
     ours: str
     key: str
 
-    def hf_keys(self) -> list[str]:
-        return [self.key]
-
 
 @dataclass(frozen=True)
 class Cat:
     ours: str
     keys: tuple[str, ...]
-
-    def hf_keys(self) -> list[str]:
-        return list(self.keys)
 
 
 @dataclass(frozen=True)
@@ -49,9 +43,6 @@ class Experts:
     per_expert: tuple[str, ...]  # formats with {e}: (gate, up) for w13, (down,) for w2
     fused: str
     n: int
-
-    def hf_keys(self) -> list[str]:
-        return [f.format(e=e) for e in range(self.n) for f in self.per_expert]
 
 
 Entry = Copy | Cat | Experts
