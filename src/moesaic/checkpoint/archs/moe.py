@@ -51,7 +51,7 @@ def _router_blockers(cfg: ModelConfig, normalize: bool | None) -> list[str]:
 class _SoftmaxMoE(Arch):
     """Shared logic: softmax top-k router, routed experts, optional dense layers."""
 
-    qkv_bias, qk_norm, expert_names = False, "none", ("gate_proj", "up_proj", "down_proj")
+    expert_names = ("gate_proj", "up_proj", "down_proj")
 
     def moe_prefix(self, i: int, names: set[str] | None) -> str:
         return f"model.layers.{i}.mlp"
@@ -168,7 +168,6 @@ class Qwen3Moe(_SoftmaxMoE):
     defaults = {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                 "decoder_sparse_step": 1, "norm_topk_prob": False, "num_experts": 128, "num_experts_per_tok": 8,
                 "moe_intermediate_size": 768, "intermediate_size": 6144, "use_sliding_window": False}
-    qk_norm = "head"
 
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
@@ -195,7 +194,6 @@ class Olmoe(_SoftmaxMoE):
     name, model_type = "OlmoeForCausalLM", "olmoe"
     defaults = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0,
                 "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "intermediate_size": 2048}
-    qk_norm = "full"
 
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
         h = self.hf(d)
