@@ -177,8 +177,8 @@ def _diff(saved: dict, now: dict, free: tuple[str, ...]) -> list[str]:
 
 def _bar_info(rec: dict[str, Any], val: float | None) -> str:
     v = f" val {val:.3f}" if val is not None else ""
-    return (f"loss {rec['loss']:.3f}{v} | {rec['tokens_per_s']:.0f} tok/s | lr {rec['lr']:.2e} | "
-            f"load max/mean {rec['imbalance']:.2f} | dropped {rec['dropped']:.1%}")
+    return (f"loss {rec['loss']:.3f}{v} | {rec['tokens_per_s']:.0f} tok/s | lr {rec['lr']:.1e} | "
+            f"load max/mean {rec['imbalance']:.2f} | drop {rec['dropped']:.1%}")
 
 
 def _debug_sleep() -> None:

@@ -71,7 +71,7 @@ class ProgressBar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._p = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+        self._p = Progress(TextColumn(f"[bold]{title}"), BarColumn(bar_width=16), MofNCompleteColumn(),
                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                            console=Console(stderr=True), transient=False)
         self._task = self._p.add_task(title, total=total, completed=start, info="")
