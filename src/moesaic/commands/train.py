@@ -39,7 +39,7 @@ def train(
     weight_decay: float = typer.Option(0.1),
     grad_clip: float = typer.Option(1.0, help="max gradient norm (0 disables)"),
     vocab_size: int = typer.Option(None, help="BPE vocabulary (default: the preset's)"),
-    save_every: int = typer.Option(0, help="checkpoint every N steps (always at the end)"),
+    save_every: int = typer.Option(250, help="checkpoint every N steps (always at the end; 0: only then)"),
     eval_every: int = typer.Option(100, help="validation loss every N steps (always at the end)"),
     keep: int = typer.Option(1, help="complete checkpoints to keep"),
     dense_twin: str = typer.Option(None, help="also train the dense twin with the same 'active' or 'total' "
