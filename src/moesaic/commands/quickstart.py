@@ -47,18 +47,19 @@ def report(res, con: Console) -> None:
     total_twin = build_model(res.model_config.dense_twin("total")).eval()
     pm, pd, pt = moe.count_params(), dense.count_params(), total_twin.count_params()
     t = Table(title=f"quickstart: {res.summary['tokens']:,} training tokens per model")
-    for c in ("model", "total params", "active / token", "val loss", "decode tok/s"):
+    for c in ("model", "total", "active/token", "val loss", "decode tok/s"):
         t.add_column(c, justify="right" if c != "model" else "left")
     speeds = [decode_speed(m) for m in (moe, dense, total_twin)]
     t.add_row("MoE (small)", _m(pm.total), _m(pm.active), f"{res.summary['val_loss']:.4f}", f"{speeds[0]:.0f}")
-    t.add_row("dense twin, same active", _m(pd.total), _m(pd.active), f"{res.twin.summary['val_loss']:.4f}",
+    t.add_row("dense, same active", _m(pd.total), _m(pd.active), f"{res.twin.summary['val_loss']:.4f}",
               f"{speeds[1]:.0f}")
-    t.add_row("dense, same total (untrained)", _m(pt.total), _m(pt.active), "-", f"{speeds[2]:.0f}")
+    t.add_row("dense, same total*", _m(pt.total), _m(pt.active), "-", f"{speeds[2]:.0f}")
+    t.caption = "* untrained, for decode speed only; parameters exclude embedding and LM head"
     Console().print(t)
     gap = res.twin.summary["val_loss"] - res.summary["val_loss"]
     who = "the MoE" if gap > 0 else "the dense twin"
     Console().print(f"Validation loss: {who} is ahead by {abs(gap):.4f} nats at equal active parameters and "
-                    "equal tokens (parameters exclude embedding and LM head).")
+                    "equal tokens.")
     tok = Tokenizer.from_folder(res.out)
     Console().print("[bold]sample[/] (MoE, temperature 0.8):\n" + sample(moe, tok, "def ", 60))
     Console().print("\n[bold]next[/]:\n" + "\n".join(next_commands(res.out)))
