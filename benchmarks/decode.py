@@ -19,12 +19,15 @@ not the embedding table) / read bandwidth measured here (a large-array sum on al
 Efficiency = floor / measured step time.
 
     python benchmarks/decode.py                 # both shapes, batch 1 8 32 (~4 min on 2 busy cores)
+    python benchmarks/decode.py --threads 1     # steadier on a shared machine (OpenMP spin-waits stall
+                                                # when another job holds a core)
     python benchmarks/decode.py --quick         # tiny smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -216,17 +219,13 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float) -> list[dict
                 weight_bytes(model, uniq[1], 2))
         del hf
     if "bf16" in args.precisions:
-        mb = build_model(cfg).eval()
-        mb.load_state_dict(model.state_dict())
-        mb = mb.to(torch.bfloat16)
+        mb = copy.deepcopy(model).to(torch.bfloat16)
         for b in args.batches:
             add("moesaic", "bf16", b, run_moesaic(mb, b, args.prompt_len, args.new_tokens, backend=args.backend),
                 weight_bytes(mb, uniq[b], 2))
         del mb
     if "int8" in args.precisions:
-        mq = build_model(cfg).eval()
-        mq.load_state_dict(model.state_dict())
-        mq = mq.to(torch.bfloat16)
+        mq = copy.deepcopy(model).to(torch.bfloat16)
         for b in args.batches:  # int8 experts (+ scales), the rest in bf16
             add("moesaic", "int8", b, run_moesaic(mq, b, args.prompt_len, args.new_tokens, quantize="int8"),
                 weight_bytes(mq, uniq[b], 2, expert_bytes=1.0 + 2.0 / cfg.d_model))
@@ -264,6 +263,25 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (shape, system, precision): tokens/s and efficiency at each batch size."""
+    batches = sorted({r["batch"] for r in rows})
+    head = "| shape | system | precision | " + " | ".join(f"B={b} tok/s (eff)" for b in batches) + " |"
+    lines = [head, "|" + "---|" * (3 + len(batches))]
+    keys = []
+    for r in rows:
+        k = (r["shape"], r["system"], r["precision"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        cells = []
+        for b in batches:
+            r = next((r for r in rows if (r["shape"], r["system"], r["precision"]) == k and r["batch"] == b), None)
+            cells.append(f"{r['tokens_per_s']:.1f} ({r['efficiency']:.2f})" if r else "-")
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -272,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--backend", default=None, help="MoE kernels backend for moesaic (default: engine's choice)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: all cores; 1 is far steadier when other jobs share the cores)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")
@@ -294,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for name, shape in shapes.items():
         rows += bench_shape(name, shape, archs[name], args, bw)
+    print()
+    print(markdown_table(rows))
     print()
     for line in summary(rows):
         print(line)

@@ -122,3 +122,27 @@ def test_engine_quantize_option_and_bad_scheme():
     assert len(eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
     with pytest.raises(ValueError, match="quantize scheme"):
         quantize_model(model, "int3")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_onednn_linear_and_backend_match_reference(dtype, tol):
+    from moesaic.kernels.quant import OneDNNLinear, cpu_linear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    w = (torch.randn(512, 256) * 0.05).to(dtype)  # large enough for the oneDNN path
+    for m in (1, 7):
+        x = torch.randn(m, 256).to(dtype)
+        torch.testing.assert_close(cpu_linear(x, w).float(), torch.nn.functional.linear(x, w).float(),
+                                   rtol=tol, atol=tol)
+    lin = torch.nn.Linear(256, 512).to(dtype)
+    ref = lin(x)
+    lin.__class__ = OneDNNLinear
+    torch.testing.assert_close(lin(x), ref, rtol=tol, atol=tol)
+    w13, w2 = (torch.randn(4, 512, 256) * 0.05).to(dtype), (torch.randn(4, 256, 256) * 0.05).to(dtype)
+    x = torch.randn(9, 256).to(dtype)
+    ids, wts = torch.randint(0, 4, (9, 2)), torch.rand(9, 2).to(dtype)
+    ref = moe_experts_reference(x, w13, w2, ids, wts)
+    with torch.inference_mode():
+        got = kernels.moe_experts(x, w13, w2, ids, wts, backend="onednn")
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)

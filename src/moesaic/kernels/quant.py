@@ -19,6 +19,8 @@ oneDNN reaches. The `onednn` backend is the same expert loop over float weights 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,6 +132,10 @@ def _expert_linear(x_MI: torch.Tensor, w: Int8Weight | torch.Tensor, e: int) -> 
     return cpu_linear(x_MI, w[e])
 
 
+_ONEDNN_MIN_WEIGHT = 1 << 16  # smaller matrices: oneDNN's per-call cost outweighs its bandwidth gain
+
+
+@functools.cache
 def onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -146,8 +152,8 @@ def onednn_supports(x: torch.Tensor, w) -> bool:
 
 def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias): oneDNN on CPU for inference, F.linear otherwise (same numbers up to fp32 rounding)."""
-    if x_MI.dim() == 2 and x_MI.shape[0] > 0 and onednn_available() and onednn_supports(x_MI, w_OI) \
-            and (bias_O is None or bias_O.dtype == x_MI.dtype):
+    if x_MI.dim() == 2 and x_MI.shape[0] > 0 and w_OI.numel() >= _ONEDNN_MIN_WEIGHT and onednn_available() \
+            and onednn_supports(x_MI, w_OI) and (bias_O is None or bias_O.dtype == x_MI.dtype):
         return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, bias_O, "none", [], "")
     return F.linear(x_MI, w_OI, bias_O)
 
