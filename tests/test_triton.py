@@ -140,6 +140,17 @@ def test_registration_and_input_errors():
             kernels.moe_experts(x, w13, w2, ids, w, backend="triton")
 
 
+def test_fast_launch_key_is_at_least_as_fine_as_tritons():
+    from moesaic.kernels.triton.fastlaunch import _spec
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    assert _spec(buf[8:]) == _spec(buf[16:])          # both 16-byte aligned
+    assert _spec(buf[1:]) != _spec(buf[8:])           # 2-byte offset: another specialization
+    assert _spec(buf) != _spec(buf.float())           # dtype
+    assert _spec(1) != _spec(2) and _spec(16) == _spec(32) and _spec(16) != _spec(24)
+    assert _spec(16) != _spec(2 ** 32)                # int32 vs int64 argument
+
+
 def test_heuristic_is_valid_everywhere():
     for t in (1, 3, 33, 1000, 16384):
         for e, k in ((8, 2), (64, 8), (256, 8)):
