@@ -224,7 +224,7 @@ def profile_point(name, t, rep_ms) -> None:
         stages["w13"] = lambda: ops.run_w13(x, w13, al, k, cfg.gemm1, False)
         stages["w2"] = lambda: ops.run_mm(act, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), o, al, k, d, f,
                                           cfg.gemm2, a_gather=False, out_pair=True)
-        stages["combine"] = lambda: ops.run_combine(o, ids.reshape(-1), w.reshape(-1), t, d, k, x.dtype)
+        stages["combine"] = lambda: ops.run_combine(o, ids.reshape(-1), w.reshape(-1), t, d, k, x.dtype, e)
     for sname, fn in stages.items():
         print(f"#   {sname}: {bench(fn, 'cuda', rep_ms) * 1e6:.1f} us (GPU, events)")
         torch.cuda.synchronize()

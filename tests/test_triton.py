@@ -70,6 +70,16 @@ def test_forward_matches_reference(t, d, f, e, k, cfg, kw, dtype):
     assert rel(y, ref64(x, w13, w2, ids, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("t,cfg", [(5, GROUPED16), (40, GROUPED16), (3, DECODE)])
+def test_out_of_range_ids_are_dropped_like_the_reference(t, cfg):
+    """ids >= E contribute nothing (the reference's loop never reaches them); int32 ids work too."""
+    x, w13, w2, ids, w = problem(t, 64, 32, 8, 2, torch.float16, seed=t)
+    ids[::2, 1] = 8 + torch.arange(ids[::2, 1].numel(), device=DEV) % 3
+    ids = ids.to(torch.int32)
+    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg)
+    assert rel(y, ref64(x, w13, w2, ids.long(), w)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("t,e,k,dtype", [(33, 8, 2, torch.float16), (70, 4, 3, torch.bfloat16)])
 def test_backward_matches_reference(t, e, k, dtype):
     x, w13, w2, ids, w = problem(t, 64, 32, e, k, dtype, seed=5, drop=0.1)

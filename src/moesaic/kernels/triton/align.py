@@ -5,7 +5,7 @@ Shape legend: T tokens, K top-k, N = T*K pairs, E experts, BM rows per GEMM bloc
 Pair n is token n // K, slot n % K. After alignment:
   sorted_ids_P[r]   the pair in sorted row r (rows past an expert's count are padding: never read)
   off_E1[e]         first padded row of expert e; off_E1[E] = total padded rows actually used
-  counts_E[e]       pairs routed to e (ids < 0 are dropped and appear nowhere)
+  counts_E[e]       pairs routed to e (ids < 0 or >= E are dropped and appear nowhere)
   block_expert_B[b] the expert of block b (rows b*BM .. b*BM+BM-1), for b < off_E1[E] / BM
 P is an upper bound known without reading the ids (so no device->host sync and the launch is
 CUDA-graph safe): every expert pads at most BM-1 rows and at most min(E, N) experts are non-empty.
@@ -54,6 +54,7 @@ def _align_small_kernel(ids_ptr, sorted_ptr, off_ptr, counts_ptr, block_expert_p
     n = tl.arange(0, NP)
     e = tl.arange(0, EP)
     ids = tl.load(ids_ptr + n, mask=n < N, other=-1)
+    ids = tl.where(ids < E, ids, -1)  # ids >= E are treated as dropped, like the reference does
     onehot = (ids[:, None] == e[None, :]).to(tl.int32)                      # [NP, EP]
     counts = tl.sum(onehot, axis=0)                                          # [EP]
     padded = (counts + BM - 1) // BM * BM
@@ -74,10 +75,10 @@ def _align_small_kernel(ids_ptr, sorted_ptr, off_ptr, counts_ptr, block_expert_p
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, rank_ptr, N, BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, rank_ptr, N, E, BLOCK: tl.constexpr):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + n, mask=n < N, other=-1)
-    valid = (n < N) & (ids >= 0)
+    valid = (n < N) & (ids >= 0) & (ids < E)
     rank = tl.atomic_add(counts_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=valid)
     tl.store(rank_ptr + n, rank, mask=valid)
 
@@ -93,11 +94,11 @@ def _offsets_kernel(counts_ptr, off_ptr, E, BM: tl.constexpr, EP: tl.constexpr):
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, rank_ptr, off_ptr, sorted_ptr, block_expert_ptr, N,
+def _scatter_kernel(ids_ptr, rank_ptr, off_ptr, sorted_ptr, block_expert_ptr, N, E,
                     BM: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + n, mask=n < N, other=-1)
-    valid = (n < N) & (ids >= 0)
+    valid = (n < N) & (ids >= 0) & (ids < E)
     rank = tl.load(rank_ptr + n, mask=valid, other=0)
     start = tl.load(off_ptr + ids, mask=valid, other=0)
     pos = start + rank
@@ -123,7 +124,8 @@ def align(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignm
         counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
         rank = torch.empty(n, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n, 1024),)
-        launcher(_count_kernel)(grid, ids_N, counts, rank, n, BLOCK=1024)
+        launcher(_count_kernel)(grid, ids_N, counts, rank, n, num_experts, BLOCK=1024)
         launcher(_offsets_kernel)((1,), counts, off, num_experts, BM=block_m, EP=ep)
-        launcher(_scatter_kernel)(grid, ids_N, rank, off, sorted_ids, block_expert, n, BM=block_m, BLOCK=1024)
+        launcher(_scatter_kernel)(grid, ids_N, rank, off, sorted_ids, block_expert, n, num_experts, BM=block_m,
+                                  BLOCK=1024)
     return Alignment(sorted_ids, off, counts, block_expert, block_m)

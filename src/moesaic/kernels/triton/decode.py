@@ -18,13 +18,13 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, TOPK, stride_xt, stride_we, stride_wg,
+def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, stride_we, stride_wg,
                       BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # x_ptr [T, D]; w_ptr [E, 2F, D] (D contiguous); ids_ptr [N]; act_ptr [N, F] fp32 (rows of
     # dropped pairs are left unwritten and never read).
     n = tl.program_id(0)
     e = tl.load(ids_ptr + n).to(tl.int64)
-    if e >= 0:
+    if (e >= 0) & (e < E):
         t = (n // TOPK).to(tl.int64)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         cols_ld = (cols % F).to(tl.int64)
@@ -56,7 +56,7 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, TOPK, stride_xt, str
 
 
 @triton.jit
-def decode_w2_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, y_ptr, D, F, stride_we, stride_wd, stride_yt,
+def decode_w2_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, y_ptr, D, F, E, stride_we, stride_wd, stride_yt,
                      TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     # act_ptr [N, F] fp32; w_ptr [E, D, F] (F contiguous); wts_ptr [N] combine weights; y_ptr [T, D].
     # The K slots are unrolled so the loads of a token's experts are issued back to back.
@@ -69,7 +69,8 @@ def decode_w2_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, y_ptr, D, F, stride_we, s
         n = t * TOPK + kk
         e = tl.load(ids_ptr + n).to(tl.int64)
         wk = tl.load(wts_ptr + n).to(tl.float32)
-        valid = (e + tl.zeros((BK,), dtype=tl.int64)) >= 0  # a dropped pair's loads are masked off
+        ev = e + tl.zeros((BK,), dtype=tl.int64)
+        valid = (ev >= 0) & (ev < E)  # a dropped pair's loads are masked off: no bytes read for it
         w_ptrs = w_ptr + e * stride_we + cols_ld[:, None] * stride_wd + ks[None, :]
         a_ptrs = act_ptr + n * F + ks
         for f0 in range(0, F, BK):

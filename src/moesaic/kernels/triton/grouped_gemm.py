@@ -202,7 +202,7 @@ def gather_rows_kernel(src_ptr, dst_ptr, sorted_ptr, block_expert_ptr, off_ptr, 
 
 
 @triton.jit
-def combine_kernel(o_ptr, ids_ptr, w_ptr, y_ptr, D, TOPK, stride_o, stride_y,
+def combine_kernel(o_ptr, ids_ptr, w_ptr, y_ptr, D, E, TOPK, stride_o, stride_y,
                    USE_W: tl.constexpr, BD: tl.constexpr):
     # o_ptr [N, D] per-pair outputs (rows of dropped pairs are never read); y_ptr [T, D].
     t = tl.program_id(0).to(tl.int64)
@@ -211,7 +211,8 @@ def combine_kernel(o_ptr, ids_ptr, w_ptr, y_ptr, D, TOPK, stride_o, stride_y,
     acc = tl.zeros((BD,), dtype=tl.float32)
     for k in range(0, TOPK):
         n = t * TOPK + k
-        valid = (tl.load(ids_ptr + n) + tl.zeros((BD,), dtype=tl.int32)) >= 0  # broadcast: vector mask
+        e = tl.load(ids_ptr + n) + tl.zeros((BD,), dtype=tl.int32)  # broadcast: a vector mask
+        valid = (e >= 0) & (e < E)
         o = tl.load(o_ptr + n * stride_o + cols, mask=c_ok & valid, other=0.0).to(tl.float32)
         if USE_W:
             o = o * tl.load(w_ptr + n).to(tl.float32)

@@ -73,13 +73,13 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
         DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, num_warps=g.num_warps, num_stages=g.num_stages)
 
 
-def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype) -> torch.Tensor:
+def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype, num_experts: int) -> torch.Tensor:
     y = torch.empty((t, d), dtype=dtype, device=o_ND.device)
     if t == 0:
         return y
     bd = min(1024, triton.next_power_of_2(d))
     launcher(gk.combine_kernel)((t, triton.cdiv(d, bd)),
-        o_ND, ids_N, w_N if w_N is not None else o_ND, y, d, topk, o_ND.stride(0), y.stride(0),
+        o_ND, ids_N, w_N if w_N is not None else o_ND, y, d, num_experts, topk, o_ND.stride(0), y.stride(0),
         USE_W=w_N is not None, BD=bd, num_warps=4)
     return y
 
@@ -98,7 +98,7 @@ def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: b
     o = (torch.zeros if save else torch.empty)((t * k, d), dtype=x_TD.dtype, device=x_TD.device)
     run_mm(act, w2_EDF, (w2_EDF.stride(0), w2_EDF.stride(2), w2_EDF.stride(1)), o, al, k, d, f, cfg.gemm2,
            a_gather=False, out_pair=True)
-    y = run_combine(o, ids_N, w_N, t, d, k, x_TD.dtype)
+    y = run_combine(o, ids_N, w_N, t, d, k, x_TD.dtype, e)
     return y, ((al, act, h, o) if save else None)
 
 
@@ -114,10 +114,10 @@ def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch
         return y
     g1, g2 = cfg.gemm1, cfg.gemm2
     launcher(dk.decode_w13_kernel)((t * k, triton.cdiv(f, g1.bn)),
-        x_TD, w13_EGD, ids_N, act, d, f, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
+        x_TD, w13_EGD, ids_N, act, d, f, e, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
         BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, num_warps=g1.num_warps, num_stages=g1.num_stages)
     launcher(dk.decode_w2_kernel)((t, triton.cdiv(d, g2.bn)),
-        act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
+        act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, e, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
         TOPK=k, BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
     return y
 
@@ -175,7 +175,7 @@ def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
             dxn = torch.empty((t * k, d), dtype=x_TD.dtype, device=x_TD.device)
             run_mm(dh, w13_EGD, (w13_EGD.stride(0), w13_EGD.stride(1), w13_EGD.stride(2)), dxn, al, k, d, gg,
                    g, a_gather=False, out_pair=True)
-            dx = run_combine(dxn, ids_N, None, t, d, k, x_TD.dtype)
+            dx = run_combine(dxn, ids_N, None, t, d, k, x_TD.dtype, e)
         if needs[1]:
             dw13 = torch.empty_like(w13_EGD)
             _run_wgrad(dh, _gather_sorted(x_TD, al, k), dw13, al)
