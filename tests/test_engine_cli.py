@@ -63,3 +63,17 @@ def test_generate_int8_and_experts_per_token(run_folder):
     assert again.stdout == res.stdout
     bad = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--quantize", "int4"])
     assert bad.exit_code != 0 and "int8" in str(bad.exception)
+
+
+def test_chat_streams_replies_until_empty_line(run_folder):
+    import typer
+
+    from moesaic.commands.generate import chat
+
+    folder, model, tokenizer = run_folder
+    app = typer.Typer()
+    app.command()(chat)
+    res = CliRunner().invoke(app, [str(folder), "--max-tokens", "5", "--temperature", "0", "--dtype", "float32"],
+                             input="hello\nworld\n\n")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("> ") == 3  # two turns, then the empty line ends the session
