@@ -208,5 +208,4 @@ class TritonMoEFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], False,
                  ctx.needs_input_grad[4])
         dx, dw13, dw2, dwt = backward_grouped(dy_TD, x, w13, w2, ids, w, ctx.saved_align, needs)
-        del ctx.saved_align
         return dx, dw13, dw2, None, dwt, None, None
