@@ -164,3 +164,23 @@ def test_dense_model_runs():
     p = prompts_of([5])[0]
     (out,) = eng.generate([p], SamplingParams(max_tokens=5, temperature=0))
     assert out.token_ids == naive_greedy(model, p, 5, set())
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(preset="deepseek-mini"),  # sigmoid router, group-limited, shared expert, first layer dense
+    dict(preset="deepseek-mini", attention="mla", kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+         qk_rope_head_dim=8, v_head_dim=8),
+    dict(preset="tiny", qk_norm="head", qkv_bias=True, tie_embeddings=True),
+])
+def test_engine_matches_naive_on_other_architectures(overrides):
+    overrides = dict(overrides)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(overrides.pop("preset"), vocab_size=VOCAB, max_seq_len=64, d_model=64, **overrides)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    eng = Engine(model, max_batch=2)
+    prompts = prompts_of([4, 9, 6])
+    outs = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == naive_greedy(model, p, 5, set())
