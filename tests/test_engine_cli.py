@@ -77,3 +77,16 @@ def test_chat_streams_replies_until_empty_line(run_folder):
                              input="hello\nworld\n\n")
     assert res.exit_code == 0, res.output
     assert res.stdout.count("> ") == 3  # two turns, then the empty line ends the session
+
+
+def test_chat_template_used_when_present(run_folder):
+    from moesaic.commands.generate import _chat_ids
+
+    _, _, tokenizer = run_folder
+    plain = _chat_ids(tokenizer, [{"role": "user", "content": "hello"}])
+    assert plain == "user: hello\nassistant:"
+    templ = Tokenizer(tokenizer.backend, tokenizer.eos_token_ids,
+                      chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}[assistant] {% endif %}")
+    ids = _chat_ids(templ, [{"role": "user", "content": "hello"}])
+    assert tokenizer.decode(ids) == "[user] hello\n[assistant] "

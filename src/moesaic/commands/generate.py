@@ -91,10 +91,11 @@ def generate(model: Path = typer.Argument(..., help="model folder (moesaic run f
 
 
 def _chat_ids(tokenizer, messages: list[dict[str, str]]):
-    """Token ids (or text) for a conversation: the model's chat template when it has one."""
+    """Prompt for a conversation: token ids of the model's chat template when it has one (the template
+    writes its own special tokens, so none are added), else a plain "role: content" transcript."""
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is not None and tokenizer.chat_template:
-        return apply(messages, add_generation_prompt=True)
+        return tokenizer.encode(apply(messages, add_generation_prompt=True))
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nassistant:"
 
