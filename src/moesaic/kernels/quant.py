@@ -106,6 +106,8 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     Int8Weight experts use int8 matmuls (`int8` backend); float experts use `cpu_linear` (`onednn`
     backend). Nothing is quantized on the fly: quantize the model once (inference.quantize).
     """
+    if hidden_TD.shape[0] == 1:
+        return _one_token(hidden_TD, w13_EGD, w2_EDF, expert_ids_TK, weights_TK)
     k = expert_ids_TK.shape[1]
     order_N, counts_E, n_dropped = sort_by_expert(expert_ids_TK, w13_EGD.shape[0])
     order_N = order_N[n_dropped:]
@@ -124,6 +126,19 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
     out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
     return out_TD.to(hidden_TD.dtype)
+
+
+def _one_token(hidden_1D: torch.Tensor, w13_EGD, w2_EDF, expert_ids_1K: torch.Tensor,
+               weights_1K: torch.Tensor) -> torch.Tensor:
+    """Decode of one row: no sort or scatter, just its K experts summed (in slot order, fp32 accumulation)."""
+    acc = torch.promote_types(hidden_1D.dtype, torch.float32)
+    out_1D = torch.zeros(hidden_1D.shape, dtype=acc, device=hidden_1D.device)
+    for slot, e in enumerate(expert_ids_1K[0].tolist()):
+        if e < 0:
+            continue
+        y = _expert_linear(swiglu(_expert_linear(hidden_1D, w13_EGD, e)), w2_EDF, e)
+        out_1D += y.to(acc) * weights_1K[:, slot:slot + 1].to(acc)
+    return out_1D.to(hidden_1D.dtype)
 
 
 def _expert_linear(x_MI: torch.Tensor, w: Int8Weight | torch.Tensor, e: int) -> torch.Tensor:
