@@ -103,3 +103,5 @@ def test_async_stream_runs_requests_concurrently(model, tokenizer):
     got = asyncio.run(main())
     assert [g[0] for g in got] == want
     assert all(r.finished and r.completion().text == t for t, r in got)
+    eng.close()
+    assert eng._bg is None

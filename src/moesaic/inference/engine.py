@@ -88,6 +88,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._bg: threading.Thread | None = None
         self._bg_wake = threading.Event()
+        self._closing = False
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *,
@@ -284,8 +285,23 @@ class Engine:
         self._bg = threading.Thread(target=self._background_loop, name="moesaic-engine", daemon=True)
         self._bg.start()
 
+    def close(self) -> None:
+        """Abort what is still queued or running and stop the background stepping thread (servers' shutdown)."""
+        self._closing = True
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            r.abort()
+        self._bg_wake.set()
+        if self._bg is not None:
+            self._bg.join(timeout=10)
+            self._bg = None
+        with self._step_lock:
+            self.scheduler.release_finished()
+            with self.scheduler.lock:
+                self.scheduler.waiting.clear()
+        self._closing = False
+
     def _background_loop(self) -> None:
-        while True:
+        while not self._closing:
             if self.scheduler.has_work():
                 try:
                     self.step()
