@@ -184,3 +184,14 @@ def test_engine_matches_naive_on_other_architectures(overrides):
     outs = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
     for p, o in zip(prompts, outs):
         assert o.token_ids == naive_greedy(model, p, 5, set())
+
+
+def test_bad_engine_arguments_fail_before_touching_the_model():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kw, name in ((dict(backend="nope"), "nope"), (dict(max_batch=0), "max_batch"),
+                     (dict(prefill_tokens=0), "prefill_tokens"), (dict(max_len=1), "max_len")):
+        with pytest.raises(ValueError, match=name):
+            Engine(model, quantize="int8", **kw)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -58,6 +58,12 @@ class Engine:
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"Engine max_len must be an integer >= 2, got {max_len!r}")
+        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+            raise ValueError(f"Engine prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
+        if backend is not None:
+            from moesaic import kernels
+
+            kernels.get_backend(backend)  # an unknown name fails before the model is touched
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
@@ -75,9 +81,8 @@ class Engine:
             use_onednn(self.model)
         self.tokenizer = tokenizer
         self.deterministic = deterministic
-        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
-            raise ValueError(f"Engine prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
         self.prefill_tokens = prefill_tokens
+        self._active: dict[int | None, int] = {}
         self.vocab = cfg.vocab_size
         p = self.model.embed.weight
         cache_dtype = p.dtype
@@ -141,11 +146,14 @@ class Engine:
 
     def active_params_per_token(self, k: int | None = None) -> int:
         """Non-embedding parameters one token touches with k routed experts per MoE layer (+ LM head)."""
+        if k in self._active:
+            return self._active[k]
         pc = self.model.count_params()
         active = pc.active + pc.lm_head
         if k is not None:
             for m in self.model.moe_layers():
                 active -= (m.router.top_k - k) * m.experts.params_per_expert
+        self._active[k] = active
         return active
 
     # ---------------------------------------------------------------------- steps
