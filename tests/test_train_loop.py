@@ -44,7 +44,7 @@ def quick(corpus_dir, **kw) -> TrainConfig:
 
 
 def test_run_folder_metrics_and_load(corpus_dir, cache, tmp_path):
-    res = train_run(quick(corpus_dir), tmp_path / "run", log=lambda s: None)
+    res = train_run(quick(corpus_dir, progress=True), tmp_path / "run", log=lambda s: None)  # bar on, no TTY
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]

@@ -153,7 +153,11 @@ class Trainer:
         if last or (cfg.eval_every and s % cfg.eval_every == 0):
             self.last_val = evaluate(self.model, self.val_NS1, cfg.micro_batch_size, self.autocast)
             self.metrics.write({"step": s, "val_loss": self.last_val, "tokens": s * cfg.tokens_per_step})
-            bar.print(f"{self.out.name} step {s}: val_loss {self.last_val:.4f}")
+            line = f"{self.out.name} step {s}: val_loss {self.last_val:.4f}"
+            if bar.enabled:
+                bar.print(line)
+            else:
+                self.log(line)
         if last or (cfg.save_every and s % cfg.save_every == 0):
             self.save()
 

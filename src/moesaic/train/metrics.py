@@ -77,6 +77,10 @@ class ProgressBar:
         self._task = self._p.add_task(title, total=total, completed=start, info="")
         self._p.start()
 
+    @property
+    def enabled(self) -> bool:
+        return self._p is not None
+
     def update(self, step: int, info: str) -> None:
         if self._p is not None:
             self._p.update(self._task, completed=step, info=info)
