@@ -71,6 +71,10 @@ def test_greedy_matches_naive_loop_with_joins_and_leaves(backend, prefill_tokens
         assert r.finish_reason == ("stop" if w[-1] in stop else "length")
         assert len(r.output_ids) <= n
     assert not eng.scheduler.running and int(eng.cache.lengths.sum()) == 0  # every slot freed
+    snap = eng.snapshot()
+    assert snap["generated_tokens"] == sum(len(r.output_ids) for r in reqs)
+    assert snap["prompt_tokens"] == sum(map(len, prompts)) and snap["finished_requests"] == 5
+    assert snap["running"] == snap["waiting"] == 0
 
 
 def test_generate_matches_naive_with_fewer_experts():

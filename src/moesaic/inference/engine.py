@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -24,11 +25,12 @@ from moesaic.inference.cache import SlotCache
 from moesaic.inference.request import Completion, Request
 from moesaic.inference.sampler import SamplingParams, sample_row, token_logprobs
 from moesaic.inference.scheduler import Scheduler
+from moesaic.inference.serving import AsyncEngineMixin
 
 Prompt = str | Sequence[int]
 
 
-class Engine:
+class Engine(AsyncEngineMixin):
     """Offline and streaming generation for a moesaic `Transformer`.
 
     Args:
@@ -94,6 +96,8 @@ class Engine:
         self._bg: threading.Thread | None = None
         self._bg_wake = threading.Event()
         self._closing = False
+        self.stats: dict[str, float | int] = dict(steps=0, prompt_tokens=0, generated_tokens=0, finished_requests=0,
+                                                  busy_seconds=0.0)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *,
@@ -164,6 +168,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one engine step (see the module plan); returns the requests that finished in it."""
         with self._step_lock:
+            t0 = time.perf_counter()
             new = self.scheduler.admit()
             for group in self._prefill_groups(new):
                 self._prefill(group)
@@ -171,7 +176,20 @@ class Engine:
             decode = [r for r in self.scheduler.running if not r.finished and id(r) not in fresh]
             for group in self._groups(decode):
                 self._decode(group)
-            return self.scheduler.release_finished()
+            done = self.scheduler.release_finished()
+            st = self.stats
+            st["steps"] += 1
+            st["prompt_tokens"] += sum(len(r.prompt_ids) for r in new)
+            st["generated_tokens"] += len(new) + len(decode)
+            st["finished_requests"] += len(done)
+            st["busy_seconds"] += time.perf_counter() - t0
+            return done
+
+    def snapshot(self) -> dict[str, float | int]:
+        """Counters for monitoring: steps, prompt / generated tokens, finished requests, busy seconds,
+        and the running / waiting request counts now."""
+        with self.scheduler.lock:
+            return dict(self.stats, running=len(self.scheduler.running), waiting=len(self.scheduler.waiting))
 
     def _groups(self, reqs: list[Request]) -> list[list[Request]]:
         if self.deterministic:
@@ -260,68 +278,3 @@ class Engine:
                     yield d
             if req.finished:
                 return
-
-    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[tuple[str, Request]]:
-        """Async text deltas for servers: a background thread steps the engine while requests run.
-
-        Yields (delta, request); after the last one `request.finished` is True and
-        `request.completion()` holds the result.
-        """
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def push(delta: str, r: Request) -> None:  # runs on the stepping thread
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, r.finished))
-
-        req = self.submit(prompt, params, on_delta=push)
-        self._ensure_background()
-        try:
-            while True:
-                delta, last = await queue.get()
-                yield delta, req
-                if last:
-                    return
-        finally:
-            if not req.finished:
-                self.abort(req.request_id)
-
-    def _ensure_background(self) -> None:
-        if self._bg is not None and self._bg.is_alive():
-            return
-        self._bg = threading.Thread(target=self._background_loop, name="moesaic-engine", daemon=True)
-        self._bg.start()
-
-    def close(self) -> None:
-        """Abort what is still queued or running and stop the background stepping thread (servers' shutdown)."""
-        self._closing = True
-        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-            r.abort()
-        self._bg_wake.set()
-        if self._bg is not None:
-            self._bg.join(timeout=10)
-            self._bg = None
-        with self._step_lock:
-            self.scheduler.release_finished()
-            with self.scheduler.lock:
-                self.scheduler.waiting.clear()
-        self._closing = False
-
-    def _background_loop(self) -> None:
-        while not self._closing:
-            if self.scheduler.has_work():
-                try:
-                    self.step()
-                except Exception:  # fail the requests rather than leave their streams hanging
-                    import logging
-
-                    logging.getLogger("moesaic.engine").exception("engine step failed; aborting requests")
-                    for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        r.abort()
-                    self.scheduler.waiting.clear()
-                    self.scheduler.release_finished()
-            else:
-                self._bg_wake.clear()
-                if not self.scheduler.has_work():
-                    self._bg_wake.wait(timeout=1.0)
