@@ -101,22 +101,22 @@ class SlotView:
         """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
         mask [B, 1, T, S] (True where a query may attend: causal within its own row)."""
         b, _, t, _ = k.shape
-        pos_BT, end, mask = self._step_info(t)
+        _, end, mask, flat_idx = self._step_info(t)
         kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]  # [N, M, H, D]
-        n, m = kbuf.shape[:2]
-        flat_idx = (self._idx[:, None] * m + pos_BT).reshape(-1)
-        kbuf.view(n * m, *kbuf.shape[2:]).index_copy_(0, flat_idx, k.transpose(1, 2).reshape(b * t, *kbuf.shape[2:])
-                                                      .to(kbuf.dtype))
-        vbuf.view(n * m, *vbuf.shape[2:]).index_copy_(0, flat_idx, v.transpose(1, 2).reshape(b * t, *vbuf.shape[2:])
-                                                      .to(vbuf.dtype))
+        nm = kbuf.shape[0] * kbuf.shape[1]
+        kbuf.view(nm, *kbuf.shape[2:]).index_copy_(0, flat_idx, k.transpose(1, 2).reshape(b * t, *kbuf.shape[2:])
+                                                   .to(kbuf.dtype))
+        vbuf.view(nm, *vbuf.shape[2:]).index_copy_(0, flat_idx, v.transpose(1, 2).reshape(b * t, *vbuf.shape[2:])
+                                                   .to(vbuf.dtype))
         if self._range is not None:
             k_all, v_all = kbuf[self._range[0]:self._range[1], :end], vbuf[self._range[0]:self._range[1], :end]
         else:
             k_all, v_all = kbuf[:, :end].index_select(0, self._idx), vbuf[:, :end].index_select(0, self._idx)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), mask
 
-    def _step_info(self, t: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(positions [B, T], key length S, mask [B, 1, T, S]): the same for every layer of a forward."""
+    def _step_info(self, t: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+        """(positions [B, T], key length S, mask [B, 1, T, S], flat write rows [B*T] of the [N*M] view):
+        the same for every layer of a forward."""
         key = -t - 1
         if key not in self._pos_cache:
             pos_BT = self.positions(t)
@@ -124,7 +124,8 @@ class SlotView:
             if end > self.cache.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
             key_pos = torch.arange(end, device=pos_BT.device)
-            self._pos_cache[key] = (pos_BT, end, (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None])
+            flat = (self._idx[:, None] * self.cache.max_len + pos_BT).reshape(-1)
+            self._pos_cache[key] = (pos_BT, end, (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None], flat)
         return self._pos_cache[key]
 
     def advance(self, t: int) -> None:
