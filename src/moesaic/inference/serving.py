@@ -31,7 +31,10 @@ class AsyncEngineMixin:
         queue: asyncio.Queue = asyncio.Queue()
 
         def push(delta: str, r: Request) -> None:  # runs on the stepping thread
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, r.finished))
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, r.finished))
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                r.abort()
 
         req = self.submit(prompt, params, on_delta=push)
         self._ensure_background()
