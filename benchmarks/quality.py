@@ -1,17 +1,36 @@
-"""Does the sparse model earn its keep? MoE recipes vs their dense-active twin, same data, same tokens.
+"""Does the sparse model earn its keep? The default MoE vs its dense-active twin, same data, same tokens.
 
-Every model here has (almost) the same ACTIVE parameters per token (same trunk; the routed + shared
-experts a token touches add up to the twin's dense FFN width), so per-token training and inference
-FLOPs match; the MoEs hold more TOTAL parameters. Each (model, lr, seed) is one job: a subprocess
-training with moesaic.train.Trainer and evaluating on fixed validation windows along the way. Jobs
-run concurrently (small models leave an H200 mostly idle), spread over the visible GPUs.
+Models (`--models`, comma-separated), all on the trunk of `--preset` (default `small`):
+  moe           the preset itself: the project's default MoE
+  dense         its dense-active twin (`ModelConfig.dense_twin("active")`): same trunk, one dense FFN with
+                the FFN parameters a token of `moe` touches, so per-token training/decode FLOPs match
+  mixtral       8 experts top-2 of width A/2, softmax, renormalised, aux 0.01 (transformers' Mixtral recipe)
+  fine-shared   32 experts top-6 of width A/8 + a shared expert of width A/4, softmax, aux 0.01, z 1e-3
+  fine-sigmoid  the fine-shared shapes with a sigmoid router, loss-free bias (rate 1e-3, no aux loss),
+                weights normalised then x2.5 (DeepSeek-V3-style routing)
+where A = top_k * expert_ffn + shared_ffn of the preset (the active FFN width), so every recipe has the
+same active size as `moe` and `dense`. `--preset h200` is the trunk of the H200 runs in docs/training.md
+(d=512, 8 layers, A=2048, so the recipes are exactly those runs' shapes).
 
-Writes <out>/train_quality.json (every curve), prints a table: final validation loss per model (best lr
-of the sweep, mean over seeds) and the fraction of steps each MoE needs to reach the dense twin's final
-validation loss. With matplotlib, also <out>/train_quality.png (val loss vs step and vs training FLOPs).
+Each (model, lr, seed) is one job: a subprocess training with moesaic.train.Trainer on the same data, the
+same windows in the same order and the same token budget, evaluating on fixed validation windows every
+`--eval-every` steps. Jobs run `--parallel` at a time (spread over the visible GPUs on CUDA). For every
+model the learning rate is the one of the `--lrs` sweep with the lowest final validation loss averaged
+over the seeds; the table then compares each MoE with `dense` seed by seed: the first evaluated step at
+which the MoE's validation loss is <= the dense twin's final validation loss of the same seed ("never"
+if it does not get there within the budget).
 
-    python benchmarks/train_quality.py --device cuda --steps 1500 --batch-size 32 --seq-len 512 \
-        --lrs 1.5e-3,3e-3 --seeds 0 --data builtin:large --max-chars 150000000 --out /tmp/q
+Writes the JSON (`--json`, every curve, the choice of lr, the table) and, with matplotlib, a PNG next
+to it (validation loss vs steps and vs training FLOPs, one line per model/seed at its chosen lr).
+
+    # CPU, quickstart scale (benchmarks/results/quality_cpu.json)
+    python benchmarks/quality.py --device cpu --parallel 2 --threads 1 --steps 100 --batch-size 16 \
+        --seq-len 128 --lrs 2e-3,4e-3 --seeds 0,1,2 --eval-every 10 --eval-windows 32 \
+        --json benchmarks/results/quality_cpu.json
+    # H200
+    python benchmarks/quality.py --preset h200 --device cuda --backend sorted --steps 1500 --batch-size 32 \
+        --seq-len 512 --lrs 1.5e-3,3e-3 --seeds 0,1,2 --data builtin:large --max-chars 150000000 \
+        --models moe,dense,fine-sigmoid --json /tmp/q/quality_h200.json
 """
 
 from __future__ import annotations
@@ -19,175 +38,329 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-TRUNK = dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512)
-# active FFN width per token = 2048 for every MoE below (routed top_k * expert_ffn + shared_ffn)
-RECIPES = {
-    "mixtral": dict(num_experts=8, top_k=2, expert_ffn=1024, aux_loss_coef=0.01),
-    "fine-shared": dict(num_experts=32, top_k=6, expert_ffn=256, num_shared_experts=1, shared_ffn=512,
-                        aux_loss_coef=0.01, z_loss_coef=1e-3),
-    "fine-sigmoid": dict(num_experts=32, top_k=6, expert_ffn=256, num_shared_experts=1, shared_ffn=512,
-                         router="sigmoid_topk", aux_loss_coef=0.0, bias_update_rate=1e-3,
-                         routed_scaling_factor=2.5),
+# Local trunk of the H200 runs (docs/training.md); its own MoE has the `small` preset's recipe, scaled.
+BENCH_PRESETS = {
+    "h200": dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, ffn=2048,
+                 num_experts=16, top_k=2, expert_ffn=512, num_shared_experts=1, shared_ffn=1024,
+                 aux_loss_coef=0.01, z_loss_coef=1e-3),
 }
+MOE_FIELDS = ("num_experts", "top_k", "expert_ffn", "num_shared_experts", "shared_ffn", "router", "aux_loss_coef",
+              "z_loss_coef", "bias_update_rate", "routed_scaling_factor", "normalize_topk", "n_group", "topk_group",
+              "first_dense_layers", "capacity_factor")
 
 
-def model_config(name: str):
+def recipes(active_ffn: int) -> dict[str, dict]:
+    """MoE recipes with active FFN width `active_ffn` (routed top_k * width + shared width)."""
+    a = active_ffn
+    if a % 8:
+        raise ValueError(f"the preset's active FFN width must be a multiple of 8 for the recipes, got {a}")
+    fine = dict(num_experts=32, top_k=6, expert_ffn=a // 8, num_shared_experts=1, shared_ffn=a // 4)
+    return {
+        "mixtral": dict(num_experts=8, top_k=2, expert_ffn=a // 2, num_shared_experts=0, shared_ffn=0,
+                        aux_loss_coef=0.01, z_loss_coef=0.0),
+        "fine-shared": dict(fine, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "fine-sigmoid": dict(fine, router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0,
+                             bias_update_rate=1e-3, routed_scaling_factor=2.5),
+    }
+
+
+def base_config(preset: str):
     from moesaic.config import ModelConfig
 
+    if preset in BENCH_PRESETS:
+        return ModelConfig(**BENCH_PRESETS[preset])
+    cfg = ModelConfig.preset(preset)
+    if not cfg.is_moe:
+        raise ValueError(f"--preset {preset!r} is dense; the benchmark needs an MoE preset")
+    return cfg
+
+
+def model_config(preset: str, name: str):
+    """The ModelConfig of model `name` (see the module docstring) on the trunk of `preset`."""
+    base = base_config(preset)
+    if name == "moe":
+        return base
     if name == "dense":
-        return ModelConfig(**TRUNK, num_experts=8, top_k=2, expert_ffn=1024).dense_twin("active")
-    return ModelConfig(**TRUNK, **RECIPES[name])
+        return base.dense_twin("active")
+    table = recipes(base.top_k * base.expert_ffn + base.shared_ffn)
+    if name not in table:
+        raise ValueError(f"unknown model {name!r}; choose from {['moe', 'dense', *table]}")
+    plain = {f: getattr(type(base)(), f) for f in MOE_FIELDS}  # reset routing to ModelConfig's defaults
+    return base.replace(**{**plain, **table[name]})
 
 
 def run_job(job: dict) -> dict:
-    """One training run; returns its curve."""
+    """One training run; returns its curve and sizes."""
+    import torch
+
     from moesaic.data.tokens import prepare_data
+    from moesaic.model import build_model
     from moesaic.train import TrainConfig, Trainer
     from moesaic.train.metrics import read_metrics
 
-    cfg = model_config(job["model"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    cfg = model_config(job["preset"], job["model"])
     tc = TrainConfig(preset="tiny", data=job["data"], steps=job["steps"], batch_size=job["batch_size"],
-                     seq_len=job["seq_len"], lr=job["lr"], warmup_steps=max(1, job["steps"] // 20),
-                     eval_every=max(1, job["steps"] // 10), eval_windows=job["eval_windows"], seed=job["seed"],
+                     seq_len=job["seq_len"], lr=job["lr"], warmup_steps=max(1, job["steps"] // 10),
+                     eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
                      device=job["device"], progress=False, moe_backend=job["backend"])
-    tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"])
+    tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"],
+                                cache_dir=job.get("cache_dir"))
     out = Path(job["out"])
+    if out.exists():  # a leftover of an earlier benchmark run: the work folder is scratch space
+        shutil.rmtree(out)
     t0 = time.perf_counter()
     summary = Trainer(cfg, tc, out, tok, data, log=lambda s: None).fit()
+    seconds = time.perf_counter() - t0
     rows = read_metrics(out)
-    from moesaic.model import build_model
-
     pc = build_model(cfg).count_params()
-    return {**job, "seconds": time.perf_counter() - t0, "final_val": summary["val_loss"],
-            "active": pc.active, "total": pc.total, "train_tokens": int(len(data.train)),
-            "flops_per_token": 6 * (pc.active_with_embeddings - pc.embedding),
-            "val_curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
-            "loss_curve": [(r["step"], r["loss"]) for r in rows if "loss" in r][:: max(1, job["steps"] // 200)],
+    if not job.get("keep_runs"):
+        shutil.rmtree(out)
+    every = max(1, job["steps"] // 200)
+    return {**job, "seconds": seconds, "final_val": summary["val_loss"], "active": pc.active, "total": pc.total,
+            "train_tokens": int(len(data.train)), "tokens_per_step": tc.tokens_per_step,
+            "flops_per_token": 6 * (pc.active + pc.lm_head),
+            "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
+            "loss_curve": [[r["step"], r["loss"]] for r in rows if "loss" in r][::every],
             "imbalance_last": next((r["imbalance"] for r in reversed(rows) if "imbalance" in r), None)}
 
 
 def steps_to_reach(curve: list, target: float) -> int | None:
     """First evaluated step whose validation loss is <= target (None if never)."""
     for step, v in curve:
-        if v <= target:
-            return step
+        if v is not None and v <= target:
+            return int(step)
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="dense,mixtral,fine-shared,fine-sigmoid")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--lrs", default="3e-3")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--data", default="builtin")
-    ap.add_argument("--max-chars", type=int, default=None)
-    ap.add_argument("--eval-windows", type=int, default=256)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--parallel", type=int, default=4, help="jobs at a time")
-    ap.add_argument("--out", default="/tmp/train_quality", help="table, JSON and plot")
-    ap.add_argument("--work", default="/tmp/train_quality_runs", help="run folders (checkpoints) and job logs")
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.job:
-        job = json.loads(a.job)
-        Path(job["result"]).write_text(json.dumps(run_job(job)))
-        return
-    out, work = Path(a.out), Path(a.work)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    from moesaic.data.tokens import prepare_data
-
-    t0 = time.perf_counter()
-    prepare_data(a.data, 8192, max_chars=a.max_chars)  # once, into the shared cache
-    print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
-    jobs = [dict(model=m, lr=float(lr), seed=int(s), steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                 data=a.data, max_chars=a.max_chars, eval_windows=a.eval_windows, device=a.device,
-                 backend=a.backend, out=str(work / f"{m}-lr{lr}-s{s}"), result=str(work / f"{m}-lr{lr}-s{s}.json"))
-            for m in a.models.split(",") for lr in a.lrs.split(",") for s in a.seeds.split(",")]
-    results = run_all(jobs, a.parallel)
-    (out / "train_quality.json").write_text(json.dumps(results, indent=1))
-    report(results, out)
-
-
-def run_all(jobs: list[dict], parallel: int) -> list[dict]:
-    import torch
-
-    n_gpu = max(1, torch.cuda.device_count())
-    pending, running, done = list(jobs), [], []
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(len(done + running) % n_gpu)) \
-                if torch.cuda.is_available() else dict(os.environ)
-            log = open(job["result"] + ".log", "w")
-            running.append((job, subprocess.Popen([sys.executable, __file__, "--job", json.dumps(job)], env=env,
-                                                  stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(1)
-        for job, p in list(running):
-            if p.poll() is not None:
-                running.remove((job, p))
-                if p.returncode == 0:
-                    done.append(json.loads(Path(job["result"]).read_text()))
-                    print(f"done {Path(job['out']).name}: val {done[-1]['final_val']:.4f} "
-                          f"({done[-1]['seconds']:.0f}s)", flush=True)
-                else:
-                    print(f"FAILED {Path(job['out']).name}:\n" + Path(job["result"] + ".log").read_text()[-2000:])
-    return done
-
-
-def report(results: list[dict], out: Path) -> None:
-    import statistics
-
+def summarize(results: list[dict]) -> dict:
+    """Per model: the lr of the sweep with the lowest mean final val loss, its runs; per MoE and seed: the
+    steps it needs to reach the dense twin's final val loss of the same seed."""
     best: dict[str, dict] = {}
-    for m in sorted({r["model"] for r in results}):
+    for m in dict.fromkeys(r["model"] for r in results):
         by_lr: dict[float, list] = {}
         for r in results:
             if r["model"] == m:
                 by_lr.setdefault(r["lr"], []).append(r)
-        lr, runs = min(by_lr.items(), key=lambda kv: statistics.mean(r["final_val"] for r in kv[1]))
-        best[m] = {"lr": lr, "runs": runs, "val": statistics.mean(r["final_val"] for r in runs)}
+        sweep = {lr: statistics.mean(r["final_val"] for r in runs) for lr, runs in by_lr.items()}
+        lr = min(sweep, key=sweep.get)
+        runs = sorted(by_lr[lr], key=lambda r: r["seed"])
+        vals = [r["final_val"] for r in runs]
+        best[m] = {"lr": lr, "sweep": {str(k): v for k, v in sweep.items()}, "val_mean": statistics.mean(vals),
+                   "val_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                   "val_per_seed": {str(r["seed"]): r["final_val"] for r in runs},
+                   "active": runs[0]["active"], "total": runs[0]["total"], "steps": runs[0]["steps"],
+                   "seconds_mean": statistics.mean(r["seconds"] for r in runs), "reach": []}
     dense = best.get("dense")
-    print(f"\n{'model':14s} {'active':>8s} {'total':>8s} {'best lr':>8s} {'val loss':>9s} {'steps to dense final':>22s}")
+    if dense is not None:
+        dense_runs = {r["seed"]: r for r in results if r["model"] == "dense" and r["lr"] == dense["lr"]}
+        for m, b in best.items():
+            if m == "dense":
+                continue
+            for r in results:
+                if r["model"] != m or r["lr"] != b["lr"]:
+                    continue
+                target = dense_runs[r["seed"]]["final_val"] if r["seed"] in dense_runs else dense["val_mean"]
+                s = steps_to_reach(r["val_curve"], target)
+                b["reach"].append({"seed": r["seed"], "target": target, "step": s,
+                                   "fraction": None if s is None else s / r["steps"]})
+            b["reach"].sort(key=lambda x: x["seed"])
+    return best
+
+
+def format_table(best: dict) -> str:
+    head = (f"{'model':13s} {'total':>7s} {'active':>7s} {'lr':>7s} {'val loss (mean +- sd)':>22s} "
+            f"{'per seed':>26s}  steps to reach dense final (per seed)")
+    lines = [head, "-" * len(head)]
     for m, b in best.items():
-        r0 = b["runs"][0]
-        reach = ""
-        if dense is not None and m != "dense":
-            fr = [steps_to_reach(r["val_curve"], dense["val"]) for r in b["runs"]]
-            reach = ", ".join("never" if s is None else f"{s / r0['steps']:.0%}" for s in fr)
-        print(f"{m:14s} {r0['active'] / 1e6:7.1f}M {r0['total'] / 1e6:7.1f}M {b['lr']:8.1e} {b['val']:9.4f} "
-              f"{reach:>22s}")
-    (out / "train_quality_summary.json").write_text(json.dumps(
-        {m: {"lr": b["lr"], "val": b["val"]} for m, b in best.items()}, indent=1))
+        per_seed = " ".join(f"{v:.4f}" for v in b["val_per_seed"].values())
+        reach = ", ".join(f"s{x['seed']}: never" if x["step"] is None else
+                          f"s{x['seed']}: {x['step']}/{b['steps']} ({x['fraction']:.0%})" for x in b["reach"])
+        lines.append(f"{m:13s} {b['total'] / 1e6:6.2f}M {b['active'] / 1e6:6.2f}M {b['lr']:7.1e} "
+                     f"{b['val_mean']:13.4f} +- {b['val_std']:.4f} {per_seed:>26s}  {reach or '-'}")
+    return "\n".join(lines)
+
+
+def write_plot(results: list[dict], best: dict, png: Path) -> bool:
+    """Validation loss vs step and vs training FLOPs, one line per model/seed at the model's chosen lr."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, b in best.items():
-        for r in b["runs"]:
+        return False
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    seeds = sorted({r["seed"] for r in results})
+    for i, (m, b) in enumerate(best.items()):
+        for r in sorted((r for r in results if r["model"] == m and r["lr"] == b["lr"]), key=lambda r: r["seed"]):
             s, v = zip(*r["val_curve"])
-            axes[0].plot(s, v, label=f"{m} s{r['seed']}")
-            toks = [x * r["batch_size"] * r["seq_len"] for x in s]
-            axes[1].plot([t * r["flops_per_token"] for t in toks], v, label=f"{m} s{r['seed']}")
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("training FLOPs (6 x active non-embedding params x tokens)")
+            kw = dict(color=colors[i % len(colors)], ls=styles[seeds.index(r["seed"]) % len(styles)],
+                      marker=".", ms=4, lw=1.3, label=f"{m} (lr {b['lr']:.0e}) seed {r['seed']}")
+            axes[0].plot(s, v, **kw)
+            axes[1].plot([x * r["tokens_per_step"] * r["flops_per_token"] for x in s], v, **kw)
+    if "dense" in best:
+        for ax in axes:
+            ax.axhline(best["dense"]["val_mean"], color="gray", lw=0.8, ls=(0, (1, 3)))
+    axes[0].set_xlabel("optimizer step")
+    axes[1].set_xlabel("training FLOPs (6 x active params incl. LM head x tokens)")
+    axes[1].set_xscale("log")
     for ax in axes:
-        ax.set_ylabel("validation loss")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=1)
+    r0 = results[0]
+    fig.suptitle(f"preset {r0['preset']}: {r0['steps']} steps x {r0['tokens_per_step']:,} tokens, data "
+                 f"{r0['data']}, {len(seeds)} seed(s); gray: dense final (mean)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "train_quality.png", dpi=110)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for m in models:
+        model_config(a.preset, m)  # unknown names fail here, before any training
+    lrs = [float(x) for x in a.lrs.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
+    if not models or not lrs or not seeds:
+        raise ValueError("--models, --lrs and --seeds each need at least one value")
+    eval_every = a.eval_every or max(1, a.steps // 10)
+    return [dict(preset=a.preset, model=m, lr=lr, seed=s, steps=a.steps, batch_size=a.batch_size,
+                 seq_len=a.seq_len, data=a.data, max_chars=a.max_chars, eval_every=eval_every,
+                 eval_windows=a.eval_windows, device=a.device, backend=a.backend, threads=a.threads,
+                 cache_dir=a.cache_dir, keep_runs=a.keep_runs, out=str(work / f"{m}-lr{lr:g}-s{s}"),
+                 result=str(work / f"{m}-lr{lr:g}-s{s}.json")) for m in models for lr in lrs for s in seeds]
+
+
+def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print) -> list[dict]:
+    """Run the jobs (`parallel` subprocesses at a time, or one by one in this process)."""
+    if in_process:
+        done = []
+        for job in jobs:
+            done.append(run_job(job))
+            log(f"done {Path(job['out']).name}: val {done[-1]['final_val']:.4f} ({done[-1]['seconds']:.0f}s)")
+        return done
+    import torch
+
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    pending, running, done, failed = list(jobs), [], [], []
+    started = 0
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            env = dict(os.environ)
+            if n_gpu:
+                env["CUDA_VISIBLE_DEVICES"] = str(started % n_gpu)
+            started += 1
+            log_f = open(job["result"] + ".log", "w")
+            p = subprocess.Popen([sys.executable, __file__, "--job", json.dumps(job)], env=env, stdout=log_f,
+                                 stderr=subprocess.STDOUT)
+            running.append((job, p, log_f))
+        time.sleep(1)
+        for item in list(running):
+            job, p, log_f = item
+            if p.poll() is None:
+                continue
+            running.remove(item)
+            log_f.close()
+            if p.returncode == 0:
+                done.append(json.loads(Path(job["result"]).read_text()))
+                log(f"done {Path(job['out']).name}: val {done[-1]['final_val']:.4f} ({done[-1]['seconds']:.0f}s)")
+            else:
+                failed.append(job)
+                log(f"FAILED {Path(job['out']).name}:\n" + Path(job["result"] + ".log").read_text()[-2000:])
+    if failed:
+        raise RuntimeError(f"{len(failed)} job(s) failed (logs beside them in the work folder); no table written")
+    return done
+
+
+def run_benchmark(a: argparse.Namespace, log=print) -> dict:
+    """Prepare the data once, run every job, write the JSON and the PNG; returns the JSON object."""
+    from moesaic.data.tokens import prepare_data
+
+    json_path, work = Path(a.json), Path(a.work)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = make_jobs(a, work)
+    t0 = time.perf_counter()
+    vocab = model_config(a.preset, "moe").vocab_size
+    prepare_data(a.data, vocab, max_chars=a.max_chars, cache_dir=a.cache_dir)  # once, into the shared cache
+    log(f"data ready in {time.perf_counter() - t0:.0f}s; {len(jobs)} jobs")
+    results = run_all(jobs, a.parallel, a.in_process, log)
+    best = summarize(results)
+    table = format_table(best)
+    import torch
+
+    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "settings": {k: v for k, v in vars(a).items() if k not in ("job",)},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "wall_seconds": time.perf_counter() - t0, "summary": best, "table": table,
+              "runs": sorted(results, key=lambda r: (r["model"], r["lr"], r["seed"]))}
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, json_path)
+    png = json_path.with_suffix(".png")
+    report["plot"] = str(png) if write_plot(results, best, png) else None
+    log("\n" + table)
+    log(f"\nJSON: {json_path}" + (f"\nplot: {png}" if report["plot"] else "\nplot: skipped (no matplotlib)"))
+    return report
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", help="trunk and default MoE: a moesaic preset, or 'h200'")
+    ap.add_argument("--models", default="moe,dense", help="moe, dense, mixtral, fine-shared, fine-sigmoid")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lrs", default="1.5e-3,3e-3", help="the learning-rate sweep, the same for every model")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--max-chars", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=0, help="0: steps // 10")
+    ap.add_argument("--eval-windows", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--parallel", type=int, default=4, help="jobs at a time")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
+    ap.add_argument("--in-process", action="store_true", help="run the jobs one by one in this process")
+    ap.add_argument("--json", default="/tmp/quality/quality.json", help="results; the plot goes beside it (.png)")
+    ap.add_argument("--work", default="/tmp/quality_runs", help="scratch: run folders and job logs")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each job's run folder (checkpoint)")
+    ap.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $MOESAIC_CACHE)")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    if a.job:
+        job = json.loads(a.job)
+        Path(job["result"]).write_text(json.dumps(run_job(job)))
+        return
+    for name in ("steps", "batch_size", "seq_len", "eval_windows", "parallel"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    try:
+        run_benchmark(a)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

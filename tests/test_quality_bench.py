@@ -1,0 +1,99 @@
+"""benchmarks/quality.py: the steps-to-reach rule, the lr choice, the table, and a real (tiny) end-to-end run
+that writes the JSON and the PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moesaic.data.corpus import builtin_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_steps_to_reach_first_evaluated_step_at_or_below_target(quality):
+    curve = [[10, 5.0], [20, 4.2], [30, 3.9], [40, 4.0], [50, 3.7]]
+    assert quality.steps_to_reach(curve, 4.2) == 20  # equal counts as reached
+    assert quality.steps_to_reach(curve, 3.95) == 30  # first crossing, even if it goes back up later
+    assert quality.steps_to_reach(curve, 3.7) == 50
+    assert quality.steps_to_reach(curve, 3.69) is None
+    assert quality.steps_to_reach([], 1.0) is None
+
+
+def _run(model, lr, seed, final, curve, steps=50):
+    return dict(model=model, lr=lr, seed=seed, steps=steps, final_val=final, val_curve=curve, active=1, total=2,
+                seconds=1.0)
+
+
+def test_summarize_picks_lr_by_mean_over_seeds_and_compares_seed_by_seed(quality):
+    results = [
+        # dense: lr 1e-3 wins on the mean (4.05 < 4.10) though seed 1 alone is better at 2e-3
+        _run("dense", 1e-3, 0, 4.0, [[25, 4.5], [50, 4.0]]), _run("dense", 1e-3, 1, 4.1, [[25, 4.6], [50, 4.1]]),
+        _run("dense", 2e-3, 0, 4.2, [[25, 4.4], [50, 4.2]]), _run("dense", 2e-3, 1, 4.0, [[25, 4.5], [50, 4.0]]),
+        _run("moe", 1e-3, 0, 3.9, [[10, 4.6], [20, 4.05], [30, 3.99], [50, 3.9]]),
+        _run("moe", 1e-3, 1, 4.2, [[10, 4.6], [20, 4.4], [30, 4.3], [50, 4.2]]),
+        _run("moe", 2e-3, 0, 4.5, [[50, 4.5]]), _run("moe", 2e-3, 1, 4.5, [[50, 4.5]]),
+    ]
+    best = quality.summarize(results)
+    assert best["dense"]["lr"] == 1e-3 and best["moe"]["lr"] == 1e-3
+    assert best["dense"]["val_mean"] == pytest.approx(4.05)
+    # seed 0 reaches dense seed 0's 4.0 at step 30 (60 %); seed 1 never reaches dense seed 1's 4.1
+    assert [(x["seed"], x["step"], x["target"]) for x in best["moe"]["reach"]] == [(0, 30, 4.0), (1, None, 4.1)]
+    assert best["moe"]["reach"][0]["fraction"] == pytest.approx(0.6)
+    table = quality.format_table(best)
+    assert "s0: 30/50 (60%)" in table and "s1: never" in table
+
+
+def test_recipes_keep_the_active_size_and_unknown_models_fail(quality):
+    moe, dense = quality.model_config("small", "moe"), quality.model_config("small", "dense")
+    assert dense.num_experts == 0 and moe.num_experts == 16
+    active = moe.top_k * moe.expert_ffn + moe.shared_ffn
+    for name in ("mixtral", "fine-shared", "fine-sigmoid"):
+        c = quality.model_config("small", name)
+        assert c.top_k * c.expert_ffn + c.shared_ffn == active and c.d_model == moe.d_model
+    assert quality.model_config("small", "fine-sigmoid").router == "sigmoid_topk"
+    assert quality.model_config("small", "mixtral").z_loss_coef == 0.0
+    h = quality.model_config("h200", "fine-shared")  # the H200 runs' shapes
+    assert (h.num_experts, h.top_k, h.expert_ffn, h.shared_ffn) == (32, 6, 256, 512)
+    with pytest.raises(ValueError, match="unknown model"):
+        quality.model_config("small", "nope")
+
+
+def test_tiny_end_to_end_writes_json_and_plot(quality, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = sorted((p for p in builtin_files() if 2000 < p.stat().st_size < 12000), key=lambda p: p.name)[:20]
+    for i, p in enumerate(files):
+        shutil.copy(p, corpus / f"{i:03d}_{p.name}")
+    monkeypatch.setenv("MOESAIC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "res" / "q.json"
+    a = quality.parser().parse_args([
+        "--preset", "tiny", "--models", "moe,dense", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+        "--lrs", "1e-2", "--seeds", "0,1", "--eval-every", "1", "--eval-windows", "2", "--device", "cpu",
+        "--data", str(corpus), "--in-process", "--json", str(out), "--work", str(tmp_path / "work")])
+    report = quality.run_benchmark(a, log=lambda s: None)
+    saved = json.loads(out.read_text())
+    assert len(saved["runs"]) == 4 and set(saved["summary"]) == {"moe", "dense"}
+    for r in saved["runs"]:
+        assert [s for s, _ in r["val_curve"]] == [1, 2, 3] and r["final_val"] == r["val_curve"][-1][1]
+        assert r["flops_per_token"] > 0
+        assert not Path(r["out"]).exists()  # run folders are scratch, removed unless --keep-runs
+    reach = saved["summary"]["moe"]["reach"]
+    assert [x["seed"] for x in reach] == [0, 1]
+    for x in reach:  # recomputed from the saved curves
+        moe_run = next(r for r in saved["runs"] if r["model"] == "moe" and r["seed"] == x["seed"])
+        assert x["step"] == quality.steps_to_reach(moe_run["val_curve"], x["target"])
+    png = out.with_suffix(".png")
+    assert report["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
