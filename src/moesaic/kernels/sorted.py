@@ -40,8 +40,12 @@ def _grouped_swiglu_mlp(x_ND: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: torch
     outs = []
     start = 0
     # unbind once: the backward of E separate `w[e]` selects would zero-fill a full [E, ...] gradient
-    # per expert (E^2 work); unbind's backward stacks the E expert gradients once
-    w13_E, w2_E = w13_EGD.unbind(0), w2_EDF.unbind(0)
+    # per expert (E^2 work); unbind's backward stacks the E expert gradients once. Without autograd,
+    # plain indexing touches only the experts that have tokens (decode: a few of many).
+    if torch.is_grad_enabled() and (getattr(w13_EGD, "requires_grad", False) or getattr(w2_EDF, "requires_grad", False)):
+        w13_E, w2_E = w13_EGD.unbind(0), w2_EDF.unbind(0)
+    else:
+        w13_E, w2_E = w13_EGD, w2_EDF
     for e, c in enumerate(counts_E.tolist()):
         if c == 0:
             continue

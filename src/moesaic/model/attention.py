@@ -14,6 +14,15 @@ from moesaic.model.norm import RMSNorm
 from moesaic.model.rope import RotaryEmbedding, apply_rope
 
 
+def rope_tables(rope_module, positions_BT: torch.Tensor, dtype: torch.dtype,
+                given: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) tables the model shared for this forward, in `dtype`; computed here if none."""
+    if given is None:
+        return rope_module(positions_BT, dtype)
+    cos, sin = given
+    return (cos, sin) if cos.dtype == dtype else (cos.to(dtype), sin.to(dtype))
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None = None) -> torch.Tensor:
     """Attention over [B, H, T, Dh] q and [B, Hkv, S, Dh] k/v (kv heads repeated); causal when mask is None."""
@@ -44,7 +53,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.norm_eps)
         self.rope = RotaryEmbedding(self.hd, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """rope: (cos, sin) [B, T, Dh] computed once per forward by the model (else computed here)."""
         b, t, _ = x_BTD.shape
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
         if self.qk_norm == "full":  # OLMoE: normalise over all heads, then clip (transformers' order)
@@ -56,7 +67,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        cos, sin = self.rope(positions_BT, q.dtype)
+        cos, sin = rope_tables(self.rope, positions_BT, q.dtype, rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:

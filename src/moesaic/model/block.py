@@ -27,8 +27,8 @@ class Block(nn.Module):
                     else SwiGLU(cfg.d_model, cfg.ffn, out_std=0.02 / math.sqrt(2 * cfg.n_layers)))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, token_mask=None,
-                top_k: int | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
-        x = x + self.attn(self.attn_norm(x), positions, cache)
+                top_k: int | None = None, rope=None) -> tuple[torch.Tensor, RouterOutput | None]:
+        x = x + self.attn(self.attn_norm(x), positions, cache, rope=rope)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, r = self.ffn(h, token_mask, top_k)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moesaic.config import ModelConfig
-from moesaic.model.attention import sdpa
+from moesaic.model.attention import rope_tables, sdpa
 from moesaic.model.norm import RMSNorm
 from moesaic.model.rope import RotaryEmbedding, apply_rope, apply_rope_interleaved
 
@@ -68,7 +68,8 @@ class MLAttention(nn.Module):
             return self.wq(x_BTD)
         return self.wq_b(self.q_norm(self.wq_a(x_BTD)))
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         h = self.n_heads
         q_BHTQ = self._query(x_BTD).view(b, t, h, self.nope + self.rope_dim).transpose(1, 2)
@@ -77,7 +78,7 @@ class MLAttention(nn.Module):
         kv_BHTW = self.wkv_b(self.kv_norm(c_BTR)).view(b, t, h, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v_BHTV = kv_BHTW.split([self.nope, self.v_dim], dim=-1)
         k_rope_B1TP = k_rope.view(b, 1, t, self.rope_dim)
-        cos, sin = self.rope(positions_BT, q_BHTQ.dtype)
+        cos, sin = rope_tables(self.rope, positions_BT, q_BHTQ.dtype, rope)
         rot = apply_rope_interleaved if self.interleave else apply_rope
         q_rope, k_rope_B1TP = rot(q_rope, cos, sin), rot(k_rope_B1TP, cos, sin)
         q = torch.cat([q_nope, q_rope], dim=-1)

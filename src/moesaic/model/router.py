@@ -10,7 +10,7 @@ are sums (not means) so a trainer can add them up across micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -19,31 +19,49 @@ from torch import nn
 from moesaic.config import ModelConfig, capacity
 
 
-@dataclass
 class RouterOutput:
     """What a router decided for T tokens.
 
     weights_TK: combine weights (0 for dropped slots); expert_ids_TK: int64 expert per slot (-1 dropped);
     logits_TE: raw router logits; probs_TE: the per-expert probabilities the balance loss uses
-    (softmax, or normalised sigmoid scores); counts_E: routed (token, slot) pairs per expert over real
-    tokens, after drops; prob_sum_E: sum of probs_TE over real tokens (differentiable);
-    z_sum: sum over real tokens of logsumexp(logits)^2 (differentiable); n_tokens: real tokens;
-    n_dropped: real (token, slot) pairs dropped by capacity.
+    (softmax, or normalised sigmoid scores); valid_T: True for real tokens; n_dropped: real
+    (token, slot) pairs dropped by capacity.
+
+    Statistics are computed on first access (decoding never pays for them): counts_E: routed
+    (token, slot) pairs per expert over real tokens, after drops; prob_sum_E: sum of probs_TE over
+    real tokens (differentiable); z_sum: sum over real tokens of logsumexp(logits)^2 (differentiable);
+    n_tokens: real tokens.
     """
 
-    weights_TK: torch.Tensor
-    expert_ids_TK: torch.Tensor
-    logits_TE: torch.Tensor
-    probs_TE: torch.Tensor
-    counts_E: torch.Tensor
-    prob_sum_E: torch.Tensor
-    z_sum: torch.Tensor
-    n_tokens: int
-    n_dropped: int
+    def __init__(self, weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor, logits_TE: torch.Tensor,
+                 probs_TE: torch.Tensor, valid_T: torch.Tensor | None = None, n_dropped: int = 0) -> None:
+        self.weights_TK, self.expert_ids_TK = weights_TK, expert_ids_TK
+        self.logits_TE, self.probs_TE = logits_TE, probs_TE
+        self.valid_T, self.n_dropped = valid_T, n_dropped
 
     @property
     def top_k(self) -> int:
         return self.expert_ids_TK.shape[1]
+
+    @cached_property
+    def n_tokens(self) -> int:
+        return self.expert_ids_TK.shape[0] if self.valid_T is None else int(self.valid_T.sum())
+
+    @cached_property
+    def counts_E(self) -> torch.Tensor:
+        ids = self.expert_ids_TK
+        return torch.bincount(ids[ids >= 0], minlength=self.logits_TE.shape[-1])
+
+    def _masked(self, x_T: torch.Tensor) -> torch.Tensor:
+        return x_T if self.valid_T is None else x_T * self.valid_T.to(x_T.dtype).view(-1, *[1] * (x_T.dim() - 1))
+
+    @cached_property
+    def prob_sum_E(self) -> torch.Tensor:
+        return self._masked(self.probs_TE).sum(0)
+
+    @cached_property
+    def z_sum(self) -> torch.Tensor:
+        return self._masked(torch.logsumexp(self.logits_TE, dim=-1).pow(2)).sum()
 
     @property
     def dropped_fraction(self) -> float:
@@ -85,26 +103,17 @@ class Router(nn.Module):
             raise ValueError(f"top_k override must be in [1, {self.num_experts}], got {k}")
         logits_TE = self.logits(x_TD)
         weights_TK, ids_TK, probs_TE = self.select(logits_TE, k)
-        valid_T = (torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
-                   if token_mask_T is None else token_mask_T.reshape(-1).bool())
-        ids_TK = torch.where(valid_T[:, None], ids_TK, torch.full_like(ids_TK, -1))
+        valid_T = None if token_mask_T is None else token_mask_T.reshape(-1).bool()
+        if valid_T is not None:  # padding routes nowhere: it never counts toward load or capacity
+            ids_TK = torch.where(valid_T[:, None], ids_TK, torch.full_like(ids_TK, -1))
         n_dropped = 0
         if self.capacity_factor is not None:
+            n_real = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
             ids_TK, n_dropped = drop_over_capacity(ids_TK, self.num_experts,
-                                                   capacity(self.capacity_factor, int(valid_T.sum()), k,
-                                                            self.num_experts))
-        weights_TK = weights_TK * (ids_TK >= 0)
-        return _finish(weights_TK.to(x_TD.dtype), ids_TK, logits_TE, probs_TE, valid_T, n_dropped,
-                       self.num_experts)
-
-
-def _finish(weights_TK, ids_TK, logits_TE, probs_TE, valid_T, n_dropped, e) -> RouterOutput:
-    routed = ids_TK[ids_TK >= 0]
-    counts_E = torch.bincount(routed, minlength=e)
-    m = valid_T.to(probs_TE.dtype)[:, None]
-    z_sum = (torch.logsumexp(logits_TE, dim=-1).pow(2) * m[:, 0]).sum()
-    return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE, counts_E, (probs_TE * m).sum(0), z_sum,
-                        int(valid_T.sum()), n_dropped)
+                                                   capacity(self.capacity_factor, n_real, k, self.num_experts))
+        if valid_T is not None or self.capacity_factor is not None:
+            weights_TK = weights_TK * (ids_TK >= 0)
+        return RouterOutput(weights_TK.to(x_TD.dtype), ids_TK, logits_TE, probs_TE, valid_T, n_dropped)
 
 
 def drop_over_capacity(ids_TK: torch.Tensor, num_experts: int, cap: int) -> tuple[torch.Tensor, int]:

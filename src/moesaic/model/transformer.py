@@ -89,8 +89,10 @@ class Transformer(nn.Module):
                          else torch.arange(t, device=input_ids.device)[None].expand(b, t))
         x = self.embed(input_ids)
         routers: list[RouterOutput] = []
+        # every layer rotates with the same tables: compute them once per forward (fp32; cast per use)
+        rope = self.blocks[0].attn.rope(positions, torch.float32)
         for blk in self.blocks:
-            x, r = blk(x, positions, cache, token_mask, top_k)
+            x, r = blk(x, positions, cache, token_mask, top_k, rope=rope)
             if r is not None:
                 routers.append(r)
         if cache is not None:
