@@ -1,6 +1,6 @@
 """moesaic: sparse Mixture-of-Experts language models, end to end.
 
-Public API (more arrives with training, inference and checkpoint modules):
+Public API:
     ModelConfig, PRESETS      typed configuration and named presets
     build_model               a randomly initialised model from a config
     kernels.moe_experts       the expert-dispatch entry point; kernels.available_backends()
