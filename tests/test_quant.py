@@ -156,3 +156,43 @@ def test_onednn_linear_and_backend_match_reference(dtype, tol):
     with torch.inference_mode():
         got = kernels.moe_experts(x, w13, w2, ids, wts, backend="onednn")
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def test_onednn_transposed_down_projection_same_values_and_greedy():
+    """use_onednn stores short-row fp32 w2 transposed (same shape and values); the onednn backend then
+    runs one-row decode through x @ W and many rows through oneDNN, both equal to the reference, and
+    the engine's greedy output still equals the naive full-forward loop."""
+    from moesaic.inference.quantize import use_onednn
+    from moesaic.kernels.quant import onednn_available, transpose_for_gemv
+
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(4, 512, 256) * 0.05, transpose_for_gemv(torch.randn(4, 256, 256) * 0.05)
+    assert w2.shape == (4, 256, 256) and w2[1].t().is_contiguous() and not w2.is_contiguous()
+    for t in (1, 9):  # one row: the x @ W path; 9 rows: oneDNN over the strided weight
+        x = torch.randn(t, 256)
+        ids, wts = torch.randint(0, 4, (t, 2)), torch.rand(t, 2)
+        ids[0, 1] = -1  # a dropped slot contributes nothing on both paths
+        ref = moe_experts_reference(x, w13, w2.contiguous(), ids, wts)
+        with torch.inference_mode():
+            got = kernels.moe_experts(x, w13, w2, ids, wts, backend="onednn")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    cfg = ModelConfig.preset("tiny", vocab_size=97, max_seq_len=64, d_model=256, expert_ffn=256)
+    model = build_model(cfg).eval()
+    before = [m.experts.w2.detach().clone() for m in model.moe_layers()]
+    ref_model = build_model(cfg).eval()
+    ref_model.load_state_dict(model.state_dict())
+    assert use_onednn(model)
+    for m, b in zip(model.moe_layers(), before):
+        assert m.backend == "onednn" and not m.experts.w2.is_contiguous()
+        assert torch.equal(m.experts.w2, b)
+    eng = Engine(model, max_batch=2, onednn=False)  # already converted
+    prompts = [[1, 2, 3, 4], [9, 8, 7]]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
+    for p, o in zip(prompts, outs):
+        seq = list(p)
+        for _ in range(5):
+            seq.append(int(ref_model(torch.tensor([seq]))[0, -1].argmax()))
+        assert o.token_ids == seq[len(p):]

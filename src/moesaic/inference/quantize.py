@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear, onednn_available
+from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear, onednn_available, transpose_for_gemv
 
 SCHEMES = ("int8",)
 
@@ -46,6 +46,10 @@ def use_onednn(model: nn.Module) -> bool:
 
     Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
     layers on "auto" get the `onednn` kernels backend. Int8 layers are left as they are.
+    fp32 experts with short down-projection rows (F <= 1024, fine-grained experts) keep w2's values and
+    shape but are stored transposed (`kernels.quant.transpose_for_gemv`): the one-row decode matmul
+    reads them ~1.5x faster that way (measured: fine-64x8 batch-1 steps 1.11x faster, batch 8 1.06x;
+    coarse F=2816 experts lose at batch 8, bf16 gains nothing, so those keep their layout).
     """
     p = model.embed.weight
     if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or not onednn_available():
@@ -56,4 +60,8 @@ def use_onednn(model: nn.Module) -> bool:
     for layer in model.moe_layers():
         if layer.backend == "auto" and not isinstance(layer.experts, Int8Experts):
             layer.backend = "onednn"
+        w2 = layer.experts.w2
+        if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
+                and w2.shape[-1] <= 1024 and w2.is_contiguous()):
+            w2.data = transpose_for_gemv(w2.data)
     return True
