@@ -22,6 +22,12 @@ Efficiency = floor / measured step time.
     python benchmarks/decode.py --threads 1     # steadier on a shared machine (OpenMP spin-waits stall
                                                 # when another job holds a core)
     python benchmarks/decode.py --quick         # tiny smoke run
+
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets it): with the
+default spin-waiting, a 2-thread step on 2 cores shared with another job took 14x longer (302 vs 22 ms,
+coarse shape, batch 1) because each parallel region waits for a descheduled spinning thread.
+Float moesaic runs at batch > 1 use `Engine(pack_experts=True)` (oneDNN-blocked expert copies; --no-pack
+turns it off).
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# must be set before torch (and its OpenMP runtime) loads; an explicit environment setting wins
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from moesaic import ModelConfig, build_model
-from moesaic.inference import Engine, SamplingParams
+import torch  # noqa: E402
+
+from moesaic import ModelConfig, build_model  # noqa: E402
+from moesaic.inference import Engine, SamplingParams  # noqa: E402
+from moesaic.kernels.quant import unpack_experts  # noqa: E402
 
 SHAPES = {  # the issue's anchors: 4 layers, D=1024, vocab 8000
     "coarse-8x2": dict(vocab_size=8000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, max_seq_len=256,
@@ -109,7 +119,8 @@ def weight_bytes(model, unique_experts_per_step: float, dtype_bytes: float, expe
     return total + unique_experts_per_step * per_expert * eb
 
 
-def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, **engine_kw) -> dict:
+def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, pack: bool = True, **engine_kw) -> dict:
+    engine_kw.setdefault("pack_experts", pack and batch > 1)
     eng = Engine(model, max_batch=batch, max_len=prompt_len + new_tokens + 2, **engine_kw)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -126,6 +137,10 @@ def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, **engine_kw
         steps.append(time.perf_counter() - t)
         counter.end_step()
     counter.close()
+    for m in model.moe_layers():  # free the packed copies (the next run packs for itself if it wants them)
+        for w in (m.experts.w13, m.experts.w2):
+            if isinstance(w, torch.Tensor):
+                unpack_experts(w)
     warm = 2 if len(steps) > 4 else 0  # the first decode steps create kernels' primitives
     dt = statistics.median(steps[warm:])  # the median: other people's jobs share these cores
     uniq = sum(counter.per_step[warm:]) / max(1, len(counter.per_step[warm:]))
@@ -203,7 +218,7 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float) -> list[dict
 
     uniq: dict[int, float] = {}
     for b in args.batches:  # fp32 first (it also counts the unique experts per step)
-        res = run_moesaic(model, b, args.prompt_len, args.new_tokens, backend=args.backend)
+        res = run_moesaic(model, b, args.prompt_len, args.new_tokens, pack=args.pack, backend=args.backend)
         uniq[b] = res["unique_experts_per_step"]
         add("moesaic", "fp32", b, res, weight_bytes(model, uniq[b], 4))
     if not args.skip_hf:
@@ -221,7 +236,8 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float) -> list[dict
     if "bf16" in args.precisions:
         mb = copy.deepcopy(model).to(torch.bfloat16)
         for b in args.batches:
-            add("moesaic", "bf16", b, run_moesaic(mb, b, args.prompt_len, args.new_tokens, backend=args.backend),
+            add("moesaic", "bf16", b, run_moesaic(mb, b, args.prompt_len, args.new_tokens, pack=args.pack,
+                                                  backend=args.backend),
                 weight_bytes(mb, uniq[b], 2))
         del mb
     if "int8" in args.precisions:
@@ -292,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default=None, help="MoE kernels backend for moesaic (default: engine's choice)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores; 1 is far steadier when other jobs share the cores)")
+    ap.add_argument("--no-pack", dest="pack", action="store_false",
+                    help="no oneDNN-blocked expert copies at batch > 1 (the engine's default)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")
@@ -307,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
 
     env = dict(torch=torch.__version__, transformers=transformers.__version__, python=sys.version.split()[0],
                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-               cpus=os.cpu_count(), read_bandwidth_GBps=bw / 1e9)
-    print(f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, "
+               cpus=os.cpu_count(), read_bandwidth_GBps=bw / 1e9, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    print(f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads "
+          f"(OMP_WAIT_POLICY={env['omp_wait_policy']}), "
           f"read bandwidth {bw / 1e9:.1f} GB/s; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
     rows: list[dict] = []
     for name, shape in shapes.items():
