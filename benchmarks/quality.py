@@ -110,7 +110,7 @@ def run_job(job: dict) -> dict:
         torch.set_num_threads(job["threads"])
     cfg = model_config(job["preset"], job["model"])
     tc = TrainConfig(preset="tiny", data=job["data"], steps=job["steps"], batch_size=job["batch_size"],
-                     seq_len=job["seq_len"], lr=job["lr"], warmup_steps=max(1, job["steps"] // 10),
+                     seq_len=job["seq_len"], lr=job["lr"], warmup_steps=job["warmup_steps"],
                      eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
                      device=job["device"], progress=False, moe_backend=job["backend"])
     tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"],
@@ -239,8 +239,9 @@ def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
     if not models or not lrs or not seeds:
         raise ValueError("--models, --lrs and --seeds each need at least one value")
     eval_every = a.eval_every or max(1, a.steps // 10)
+    warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 10)
     return [dict(preset=a.preset, model=m, lr=lr, seed=s, steps=a.steps, batch_size=a.batch_size,
-                 seq_len=a.seq_len, data=a.data, max_chars=a.max_chars, eval_every=eval_every,
+                 seq_len=a.seq_len, warmup_steps=warmup, data=a.data, max_chars=a.max_chars, eval_every=eval_every,
                  eval_windows=a.eval_windows, device=a.device, backend=a.backend, threads=a.threads,
                  cache_dir=a.cache_dir, keep_runs=a.keep_runs, out=str(work / f"{m}-lr{lr:g}-s{s}"),
                  result=str(work / f"{m}-lr{lr:g}-s{s}.json")) for m in models for lr in lrs for s in seeds]
@@ -331,6 +332,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lrs", default="1.5e-3,3e-3", help="the learning-rate sweep, the same for every model")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: steps // 10)")
     ap.add_argument("--data", default="builtin")
     ap.add_argument("--max-chars", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=0, help="0: steps // 10")
