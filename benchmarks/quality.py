@@ -1,4 +1,4 @@
-"""Does the sparse model earn its keep? The default MoE vs its dense-active twin, same data, same tokens.
+r"""Does the sparse model earn its keep? The default MoE vs its dense-active twin, same data, same tokens.
 
 Models (`--models`, comma-separated), all on the trunk of `--preset` (default `small`):
   moe           the preset itself: the project's default MoE
