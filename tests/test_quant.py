@@ -171,6 +171,7 @@ def test_onednn_transposed_down_projection_same_values_and_greedy():
     torch.manual_seed(0)
     w13, w2 = torch.randn(4, 512, 256) * 0.05, transpose_for_gemv(torch.randn(4, 256, 256) * 0.05)
     assert w2.shape == (4, 256, 256) and w2[1].t().is_contiguous() and not w2.is_contiguous()
+    assert quantize_int8(w2)[0].is_contiguous()  # the fast int8 kernel needs contiguous q
     for t in (1, 9):  # one row: the x @ W path; 9 rows: oneDNN over the strided weight
         x = torch.randn(t, 256)
         ids, wts = torch.randint(0, 4, (t, 2)), torch.rand(t, 2)

@@ -36,7 +36,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w.detach().abs().amax(dim=-1).float()
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(w.detach().float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(w.dtype)
+    # contiguous whatever w's strides (e.g. a w2 stored transposed by use_onednn): the fast int8 kernel needs it
+    return q.contiguous(), scale.to(w.dtype)
 
 
 def _fast_int8_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
