@@ -289,6 +289,25 @@ def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print
     return done
 
 
+MERGE_SAME = ("preset", "steps", "batch_size", "seq_len", "lrs", "seeds", "data", "max_chars", "eval_every",
+              "eval_windows", "warmup_steps")
+
+
+def merged_runs(a: argparse.Namespace, models: set[str]) -> tuple[list[dict], list[str]]:
+    """The runs of an earlier JSON of this script (`--merge`), when it was made with the same settings, and
+    the commands that made them."""
+    if not a.merge:
+        return [], []
+    prev = json.loads(Path(a.merge).read_text())
+    was = prev["settings"]
+    for k in MERGE_SAME:
+        if was.get(k) != getattr(a, k):
+            raise ValueError(f"--merge {a.merge}: it was made with {k}={was.get(k)!r}, this run has "
+                             f"{getattr(a, k)!r}; the curves would not be comparable")
+    runs = [r for r in prev["runs"] if r["model"] not in models]  # models run again now replace their old runs
+    return runs, [*prev.get("earlier_commands", []), prev["command"]]
+
+
 def run_benchmark(a: argparse.Namespace, log=print) -> dict:
     """Prepare the data once, run every job, write the JSON and the PNG; returns the JSON object."""
     from moesaic.data.tokens import prepare_data
@@ -301,12 +320,14 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
     vocab = model_config(a.preset, "moe").vocab_size
     prepare_data(a.data, vocab, max_chars=a.max_chars, cache_dir=a.cache_dir)  # once, into the shared cache
     log(f"data ready in {time.perf_counter() - t0:.0f}s; {len(jobs)} jobs")
-    results = run_all(jobs, a.parallel, a.in_process, log)
+    earlier, earlier_commands = merged_runs(a, {j["model"] for j in jobs})
+    results = earlier + run_all(jobs, a.parallel, a.in_process, log)
     best = summarize(results)
     table = format_table(best)
     import torch
 
     report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "earlier_commands": earlier_commands,  # --merge: where the merged runs came from
               "settings": {k: v for k, v in vars(a).items() if k not in ("job",)},
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -346,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", default="/tmp/quality_runs", help="scratch: run folders and job logs")
     ap.add_argument("--keep-runs", action="store_true", help="keep each job's run folder (checkpoint)")
     ap.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $MOESAIC_CACHE)")
+    ap.add_argument("--merge", default=None, help="an earlier JSON of this script with the same settings: its "
+                    "runs join this table (models named in --models are run again)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     return ap
 
