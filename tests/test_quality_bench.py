@@ -97,3 +97,18 @@ def test_tiny_end_to_end_writes_json_and_plot(quality, tmp_path, monkeypatch):
         assert x["step"] == quality.steps_to_reach(moe_run["val_curve"], x["target"])
     png = out.with_suffix(".png")
     assert report["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_takes_earlier_runs_only_with_the_same_settings(quality, tmp_path):
+    args = ["--steps", "100", "--batch-size", "16", "--seq-len", "128", "--lrs", "2e-3", "--seeds", "0",
+            "--models", "fine-sigmoid"]
+    earlier = vars(quality.parser().parse_args(args))
+    runs = [_run("moe", 2e-3, 0, 4.0, [[100, 4.0]]), _run("fine-sigmoid", 2e-3, 0, 9.0, [[100, 9.0]])]
+    prev = tmp_path / "prev.json"
+    prev.write_text(json.dumps({"settings": earlier, "runs": runs, "command": "quality.py first"}))
+    a = quality.parser().parse_args([*args, "--merge", str(prev)])
+    got, commands = quality.merged_runs(a, {"fine-sigmoid"})
+    assert [r["model"] for r in got] == ["moe"] and commands == ["quality.py first"]  # re-run models replaced
+    a = quality.parser().parse_args([args[0], "200", *args[2:], "--merge", str(prev)])
+    with pytest.raises(ValueError, match="steps"):
+        quality.merged_runs(a, {"fine-sigmoid"})
