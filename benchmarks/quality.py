@@ -128,7 +128,7 @@ def run_job(job: dict) -> dict:
     every = max(1, job["steps"] // 200)
     return {**job, "seconds": seconds, "final_val": summary["val_loss"], "active": pc.active, "total": pc.total,
             "train_tokens": int(len(data.train)), "tokens_per_step": tc.tokens_per_step,
-            "flops_per_token": 6 * (pc.active + pc.lm_head),
+            "flops_per_token": 6 * (pc.active + (pc.lm_head or pc.embedding)),  # a tied head still multiplies
             "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
             "loss_curve": [[r["step"], r["loss"]] for r in rows if "loss" in r][::every],
             "imbalance_last": next((r["imbalance"] for r in reversed(rows) if "imbalance" in r), None)}
