@@ -26,7 +26,7 @@ Efficiency = floor / measured step time.
 OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets it): with the
 default spin-waiting, a 2-thread step on 2 cores shared with another job took 14x longer (302 vs 22 ms,
 coarse shape, batch 1) because each parallel region waits for a descheduled spinning thread.
-Float moesaic runs at batch > 1 use `Engine(pack_experts=True)` (oneDNN-blocked expert copies; --no-pack
+Float moesaic runs at batch > 1 use `Engine(pack_weights=True)` (oneDNN-blocked weight copies; --no-pack
 turns it off).
 """
 
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from moesaic import ModelConfig, build_model  # noqa: E402
 from moesaic.inference import Engine, SamplingParams  # noqa: E402
-from moesaic.kernels.quant import unpack_experts  # noqa: E402
+from moesaic.inference.quantize import unpack_weights  # noqa: E402
 
 SHAPES = {  # the issue's anchors: 4 layers, D=1024, vocab 8000
     "coarse-8x2": dict(vocab_size=8000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, max_seq_len=256,
@@ -120,7 +120,7 @@ def weight_bytes(model, unique_experts_per_step: float, dtype_bytes: float, expe
 
 
 def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, pack: bool = True, **engine_kw) -> dict:
-    engine_kw.setdefault("pack_experts", pack and batch > 1)
+    engine_kw.setdefault("pack_weights", pack and batch > 1)
     eng = Engine(model, max_batch=batch, max_len=prompt_len + new_tokens + 2, **engine_kw)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -137,10 +137,7 @@ def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, pack: bool 
         steps.append(time.perf_counter() - t)
         counter.end_step()
     counter.close()
-    for m in model.moe_layers():  # free the packed copies (the next run packs for itself if it wants them)
-        for w in (m.experts.w13, m.experts.w2):
-            if isinstance(w, torch.Tensor):
-                unpack_experts(w)
+    unpack_weights(model)  # free the packed copies (the next run packs for itself if it wants them)
     warm = 2 if len(steps) > 4 else 0  # the first decode steps create kernels' primitives
     dt = statistics.median(steps[warm:])  # the median: other people's jobs share these cores
     uniq = sum(counter.per_step[warm:]) / max(1, len(counter.per_step[warm:]))

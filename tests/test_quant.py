@@ -203,15 +203,15 @@ def test_onednn_transposed_down_projection_same_values_and_greedy():
 def test_packed_experts_match_reference_and_never_go_stale(dtype, tol):
     """oneDNN-blocked expert copies give the reference's numbers for multi-row calls; a weight whose
     storage changed (here: a new tensor assigned to .data) falls back to the plain path."""
-    from moesaic.kernels.quant import PACKED_ATTR, onednn_available, pack_experts, unpack_experts
+    from moesaic.kernels.quant import PACKED_ATTR, onednn_available, pack_onednn, unpack_onednn
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch build")
     torch.manual_seed(0)
     w13 = torch.nn.Parameter((torch.randn(4, 512, 256) * 0.05).to(dtype), requires_grad=False)
     w2 = torch.nn.Parameter((torch.randn(4, 256, 256) * 0.05).to(dtype), requires_grad=False)
-    pack_experts(w13)
-    pack_experts(w2)
+    pack_onednn(w13)
+    pack_onednn(w2)
     for t in (1, 2, 13):
         x = torch.randn(t, 256).to(dtype)
         ids, wts = torch.randint(0, 4, (t, 2)), torch.rand(t, 2).to(dtype)
@@ -226,23 +226,28 @@ def test_packed_experts_match_reference_and_never_go_stale(dtype, tol):
         got = kernels.moe_experts(x, w13, w2, ids, wts, backend="onednn")
     ref = moe_experts_reference(x.float(), w13.float(), w2.float(), ids, wts.float())
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
-    unpack_experts(w13)
+    unpack_onednn(w13)
     assert not hasattr(w13, PACKED_ATTR)
-    with pytest.raises(ValueError, match="pack_experts"):
-        pack_experts(torch.zeros(4, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="pack_onednn"):
+        pack_onednn(torch.zeros(4, 4, dtype=torch.int8))
 
 
 @torch.no_grad()
-def test_engine_pack_experts_greedy_matches_naive_loop():
+def test_engine_pack_weights_greedy_matches_naive_loop():
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=97, max_seq_len=64, d_model=256, expert_ffn=256)
     model = build_model(cfg).eval()
     ref_model = build_model(cfg).eval()
     ref_model.load_state_dict(model.state_dict())
-    eng = Engine(model, max_batch=3, pack_experts=True)
+    eng = Engine(model, max_batch=3, pack_weights=True)
     from moesaic.kernels.quant import PACKED_ATTR
 
     assert all(hasattr(m.experts.w13, PACKED_ATTR) for m in model.moe_layers())
+    from moesaic.kernels.quant import _ONEDNN_MIN_WEIGHT, OneDNNLinear
+
+    lins = [m.weight for m in model.modules() if isinstance(m, OneDNNLinear)]
+    assert any(w.numel() >= _ONEDNN_MIN_WEIGHT for w in lins)  # big linears packed, tiny ones left plain
+    assert all(hasattr(w, PACKED_ATTR) == (w.numel() >= _ONEDNN_MIN_WEIGHT) for w in lins)
     prompts = [[1, 2, 3, 4], [9, 8, 7], [5, 5, 6, 1, 2]]
     outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     for p, o in zip(prompts, outs):
@@ -250,3 +255,7 @@ def test_engine_pack_experts_greedy_matches_naive_loop():
         for _ in range(6):
             seq.append(int(ref_model(torch.tensor([seq]))[0, -1].argmax()))
         assert o.token_ids == seq[len(p):]
+    from moesaic.inference.quantize import unpack_weights
+
+    unpack_weights(model)
+    assert not any(hasattr(p, PACKED_ATTR) for p in model.parameters())

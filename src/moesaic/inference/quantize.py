@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear, onednn_available, transpose_for_gemv
-from moesaic.kernels.quant import pack_experts as _pack
+from moesaic.kernels.quant import _ONEDNN_MIN_WEIGHT, unpack_onednn
+from moesaic.kernels.quant import pack_onednn as _pack
 
 SCHEMES = ("int8",)
 
@@ -42,7 +43,7 @@ def _swap_linears(module: nn.Module) -> None:
             _swap_linears(child)
 
 
-def use_onednn(model: nn.Module, pack_experts: bool = False) -> bool:
+def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
     """Route a CPU float model's linears and experts through oneDNN (inference only); returns whether it did.
 
     Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
@@ -51,9 +52,9 @@ def use_onednn(model: nn.Module, pack_experts: bool = False) -> bool:
     shape but are stored transposed (`kernels.quant.transpose_for_gemv`): the one-row decode matmul
     reads them ~1.5x faster that way (measured: fine-64x8 batch-1 steps 1.11x faster, batch 8 1.06x;
     coarse F=2816 experts lose at batch 8, bf16 gains nothing, so those keep their layout).
-    pack_experts: also keep oneDNN-blocked copies of the float expert matrices (`kernels.quant.pack_experts`)
-    for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.45x (batch 32) faster decode steps,
-    at the cost of a second copy of the routed-expert weights in memory.
+    pack_weights: also keep oneDNN-blocked copies of the float expert matrices and linears
+    (`kernels.quant.pack_onednn`) for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.4-1.5x
+    (batch 32) faster decode steps, at the cost of a second copy of those weights in memory.
     """
     p = model.embed.weight
     if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or not onednn_available():
@@ -68,7 +69,17 @@ def use_onednn(model: nn.Module, pack_experts: bool = False) -> bool:
         if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
                 and w2.shape[-1] <= 1024 and w2.is_contiguous()):
             w2.data = transpose_for_gemv(w2.data)
-        if pack_experts and layer.backend == "onednn" and isinstance(w2, torch.Tensor):
+        if pack_weights and layer.backend == "onednn" and isinstance(w2, torch.Tensor):
             _pack(layer.experts.w13)
             _pack(w2)
+    if pack_weights:
+        for mod in model.modules():
+            if isinstance(mod, OneDNNLinear) and mod.weight.numel() >= _ONEDNN_MIN_WEIGHT:
+                _pack(mod.weight)
     return True
+
+
+def unpack_weights(model: nn.Module) -> None:
+    """Drop the oneDNN-blocked copies `use_onednn(pack_weights=True)` attached (frees their memory)."""
+    for p in model.parameters():
+        unpack_onednn(p)

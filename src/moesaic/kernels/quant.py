@@ -165,35 +165,45 @@ def _onednn_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.
     A weight stored transposed ([O, I] view of an [I, O] matrix, see `transpose_for_gemv`) goes
     through MKL's x @ W at one row (the faster GEMV for short rows), oneDNN otherwise."""
     if x_MI.shape[0] > 1:
-        packed = getattr(w, PACKED_ATTR, None)
-        if packed is not None and packed[0] == (w.data_ptr(), w.dtype, w.shape):  # not a stale snapshot
-            return torch.ops.mkldnn._linear_pointwise(x_MI, packed[1][e], None, "none", [], "")
+        packed = _packed(w)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x_MI, packed[e], None, "none", [], "")
     w_OI = w[e]
     if x_MI.shape[0] == 1 and not w_OI.is_contiguous():
         return torch.mm(x_MI, w_OI.t())
     return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], "")
 
 
-PACKED_ATTR = "_moesaic_onednn_packed"  # per-expert oneDNN-blocked copies, attached to a stacked weight
+PACKED_ATTR = "_moesaic_onednn_packed"  # oneDNN-blocked copies (per expert, or one per linear) on a weight
 
 
-def pack_experts(w: torch.Tensor, rows_hint: int = 32) -> None:
+def pack_onednn(w: torch.Tensor, rows_hint: int = 32) -> None:
     """Attach oneDNN-blocked copies of each expert matrix of w [E, O, I] (same values; a second copy in memory).
 
     oneDNN's matmul over a plain [O, I] weight repacks it on every call; for the few rows per expert of
     a batched decode step (M ~ 4-32) that costs as much as the math: the blocked copy is 1.2-2x faster
     there (measured on this CPU). One-row calls keep the plain weight (faster at M = 1). The copies are
-    a snapshot of the values: call again after changing w in place (`unpack_experts` drops them); a w
-    whose storage, dtype or shape changed (e.g. `model.to(dtype)`) falls back to the plain weight."""
-    if not (isinstance(w, torch.Tensor) and w.dim() == 3 and w.dtype in (torch.float32, torch.bfloat16)
+    a snapshot of the values: call again after changing w in place (`unpack_onednn` drops them); a w
+    whose storage, dtype or shape changed (e.g. `model.to(dtype)`) falls back to the plain weight.
+    A 2-D linear weight [O, I] gets one blocked copy (`cpu_linear` uses it for multi-row inputs)."""
+    if not (isinstance(w, torch.Tensor) and w.dim() in (2, 3) and w.dtype in (torch.float32, torch.bfloat16)
             and w.device.type == "cpu" and onednn_available()):
-        raise ValueError(f"pack_experts needs a CPU float32/bfloat16 [E, O, I] tensor and oneDNN, got "
+        raise ValueError(f"pack_onednn needs a CPU float32/bfloat16 [E, O, I] or [O, I] tensor and oneDNN, got "
                          f"{type(w).__name__} {getattr(w, 'dtype', '')} {tuple(getattr(w, 'shape', ()))}")
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w[e].detach(), rows_hint) for e in range(w.shape[0])]
+    if w.dim() == 2:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
+    else:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w[e].detach(), rows_hint) for e in range(w.shape[0])]
     setattr(w, PACKED_ATTR, ((w.data_ptr(), w.dtype, w.shape), packed))
 
 
-def unpack_experts(w: torch.Tensor) -> None:
+def _packed(w: torch.Tensor):
+    """The blocked copies attached by `pack_onednn`, or None (none, or w changed since)."""
+    packed = getattr(w, PACKED_ATTR, None)
+    return packed[1] if packed is not None and packed[0] == (w.data_ptr(), w.dtype, w.shape) else None
+
+
+def unpack_onednn(w: torch.Tensor) -> None:
     if hasattr(w, PACKED_ATTR):
         delattr(w, PACKED_ATTR)
 
@@ -239,7 +249,8 @@ def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | No
     """x @ w.T (+ bias): oneDNN on CPU for inference, F.linear otherwise (same numbers up to fp32 rounding)."""
     if x_MI.dim() == 2 and x_MI.shape[0] > 0 and w_OI.numel() >= _ONEDNN_MIN_WEIGHT and onednn_available() \
             and onednn_supports(x_MI, w_OI) and (bias_O is None or bias_O.dtype == x_MI.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, bias_O, "none", [], "")
+        packed = _packed(w_OI) if x_MI.shape[0] > 1 else None
+        return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI if packed is None else packed, bias_O, "none", [], "")
     return F.linear(x_MI, w_OI, bias_O)
 
 
