@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear, onednn_available, transpose_for_gemv
-from moesaic.kernels.quant import _ONEDNN_MIN_WEIGHT, unpack_onednn
+from moesaic.kernels.quant import (
+    _ONEDNN_MIN_WEIGHT,
+    Int8Experts,
+    Int8Linear,
+    OneDNNLinear,
+    onednn_available,
+    transpose_for_gemv,
+    unpack_onednn,
+)
 from moesaic.kernels.quant import pack_onednn as _pack
 
 SCHEMES = ("int8",)
