@@ -26,8 +26,8 @@ Efficiency = floor / measured step time.
 OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets it): with the
 default spin-waiting, a 2-thread step on 2 cores shared with another job took 14x longer (302 vs 22 ms,
 coarse shape, batch 1) because each parallel region waits for a descheduled spinning thread.
-Float moesaic runs at batch > 1 use `Engine(pack_weights=True)` (oneDNN-blocked weight copies; --no-pack
-turns it off).
+Float moesaic runs use `Engine(pack_weights=True)` (oneDNN-blocked weight copies; --no-pack
+turns it off; fp32 one-row steps use the plain weights anyway, bf16 uses the copies at every batch).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def weight_bytes(model, unique_experts_per_step: float, dtype_bytes: float, expe
 
 
 def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, pack: bool = True, **engine_kw) -> dict:
-    engine_kw.setdefault("pack_weights", pack and batch > 1)
+    engine_kw.setdefault("pack_weights", pack)
     eng = Engine(model, max_batch=batch, max_len=prompt_len + new_tokens + 2, **engine_kw)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores; 1 is far steadier when other jobs share the cores)")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
-                    help="no oneDNN-blocked expert copies at batch > 1 (the engine's default)")
+                    help="no oneDNN-blocked weight copies (the engine's default)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")
