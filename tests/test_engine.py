@@ -8,17 +8,6 @@ import torch
 from moesaic import ModelConfig, build_model
 from moesaic.inference import Completion, Engine, SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP spin-waits make each op wait
-    for a descheduled thread: run these tests single-threaded, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 VOCAB = 97
 
 

@@ -13,16 +13,6 @@ from moesaic.inference import Engine, SamplingParams
 from moesaic.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP spin-waits make each op wait
-    for a descheduled thread: run these tests single-threaded, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     from moesaic.checkpoint.native import write_model_files

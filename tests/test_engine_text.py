@@ -13,17 +13,6 @@ from moesaic import ModelConfig, build_model
 from moesaic.inference import Engine, SamplingParams
 from moesaic.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP spin-waits make each op wait
-    for a descheduled thread: run these tests single-threaded, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TEXT = ("the quick brown fox jumps over the lazy dog. a mixture of experts routes each token "
         "to a few experts; the engine batches requests and streams text. héllo wörld ✓ ") * 4
 

@@ -25,15 +25,6 @@ LEGACY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they spin (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("case", sorted(LEGACY))
 def test_legacy_rope_spelling_matches_transformers(case):
     arch, extra = LEGACY[case]

@@ -17,15 +17,6 @@ from moesaic.checkpoint.archs import ArchError  # noqa: E402
 from test_hf_parity import VOCAB, build_hf  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they spin (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("mixtral")

@@ -46,15 +46,6 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they spin (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(case: str, seed: int = 0):
     _, preset, kw = CASES[case]
     cfg = ModelConfig.preset(preset, **kw) if preset else ModelConfig(**kw)

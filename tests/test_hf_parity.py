@@ -56,15 +56,6 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they spin (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build_hf(case: str, seed: int = 0, init: float = 0.1):
     """A random-weight transformers model for a case (DeepSeek: non-zero correction biases).
 

@@ -13,16 +13,6 @@ from moesaic.kernels.quant import Int8Linear, Int8Weight, int8_linear, moe_exper
 from moesaic.kernels.reference import moe_experts_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP spin-waits make each op wait
-    for a descheduled thread: run these tests single-threaded, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_quantize_error_bound_and_zero_rows():
     w = torch.randn(3, 10, 32)
     w[1, 4] = 0

@@ -17,16 +17,6 @@ from moesaic.inference.sampler import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP spin-waits make each op wait
-    for a descheduled thread: run these tests single-threaded, then restore."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def kept(x):
     return set(torch.isfinite(x).nonzero().flatten().tolist())
 
