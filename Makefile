@@ -25,8 +25,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# CPU: decode speed vs transformers and a dense twin; the MoE layer benchmark runs its full grid
+# on CUDA (tiny smoke shape without a GPU). benchmarks/README.md explains each.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/moe_layer.py --device cpu
+	$(BIN)/python benchmarks/decode.py --threads 1
+	$(BIN)/python benchmarks/moe_layer.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
