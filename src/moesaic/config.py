@@ -21,6 +21,15 @@ ATTENTIONS: tuple[str, ...] = ("gqa", "mla")
 QK_NORMS: tuple[str, ...] = ("none", "head", "full")
 
 
+def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """cls(**d), refusing unknown keys with a message that lists the known fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"ModelConfig.{name} must be {allowed}, got {value!r}")
@@ -162,11 +171,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)

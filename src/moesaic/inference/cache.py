@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from moesaic.model.cache import kv_cache_dims
+
 
 class SlotCache:
     """k [L, N, M, H, Dk] and v [L, N, M, H, Dv] buffers plus lengths [N] (committed positions per slot)."""
@@ -36,11 +38,7 @@ class SlotCache:
     @classmethod
     def for_model(cls, config, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> SlotCache:
-        if config.attention == "mla":
-            kd, vd, h = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim, config.n_heads
-        else:
-            kd = vd = config.head_dim
-            h = config.n_kv_heads
+        h, kd, vd = kv_cache_dims(config)
         return cls(config.n_layers, n_slots, h, max_len, kd, vd, dtype, device)
 
     @property

@@ -25,6 +25,13 @@ class KVCache(Protocol):
     def advance(self, t: int) -> None: ...
 
 
+def kv_cache_dims(config) -> tuple[int, int, int]:
+    """(cached heads, key dim, value dim) per position for a ModelConfig (GQA kv heads, or MLA's expanded heads)."""
+    if config.attention == "mla":
+        return config.n_heads, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    return config.n_kv_heads, config.head_dim, config.head_dim
+
+
 class StaticCache:
     """Preallocated [L, B, H, max_len, Dk/Dv] buffers; row b holds `lengths[b]` committed positions."""
 
@@ -39,11 +46,7 @@ class StaticCache:
     def for_model(cls, config, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> StaticCache:
         """A cache sized for a ModelConfig (GQA or MLA head dims)."""
-        if config.attention == "mla":
-            kd, vd, h = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim, config.n_heads
-        else:
-            kd = vd = config.head_dim
-            h = config.n_kv_heads
+        h, kd, vd = kv_cache_dims(config)
         return cls(config.n_layers, batch, h, max_len or config.max_seq_len, kd, vd, dtype, device)
 
     def positions(self, t: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ are sums (not means) so a trainer can add them up across micro-batches.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from functools import cached_property
 
 import torch
@@ -75,7 +76,7 @@ class RouterOutput:
         return float(c.max() / c.mean()) if float(c.sum()) > 0 else 1.0
 
 
-class Router(nn.Module):
+class Router(nn.Module, ABC):
     """Base: a bias-free linear gate [E, D] in fp32 math; subclasses choose experts."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -91,9 +92,10 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         return F.linear(x_TD.float(), self.weight.float())
 
+    @abstractmethod
     def select(self, logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights_TK, ids_TK, probs_TE for the balance loss)."""
-        raise NotImplementedError
+        ...  # each router kind chooses differently
 
     def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
                 top_k: int | None = None) -> RouterOutput:

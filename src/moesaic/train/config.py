@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from moesaic.config import dataclass_from_dict
+
 NONFINITE = ("skip", "stop")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -97,11 +99,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -16,6 +16,7 @@ Shape legend: E experts, F expert hidden, D model dim.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -219,7 +220,7 @@ def split_for_export(entry: Entry, t: torch.Tensor) -> Iterator[tuple[str, torch
                 yield f.format(e=e), part
 
 
-class Arch:
+class Arch(ABC):
     """One Hugging Face architecture: config.json <-> ModelConfig, and the key map.
 
     Subclasses set `name` (the `architectures` entry), `model_type`, `defaults` (transformers' config
@@ -233,12 +234,14 @@ class Arch:
     def hf(self, d: dict[str, Any]) -> HFConfig:
         return HFConfig(d, self.defaults, self.name)
 
+    @abstractmethod
     def to_config(self, d: dict[str, Any]) -> ModelConfig:
-        raise NotImplementedError
+        ...  # per architecture
 
+    @abstractmethod
     def entries(self, cfg: ModelConfig, names: set[str] | None = None) -> list[Entry]:
         """The key map; `names` (the checkpoint's tensor names, None on export) picks aliases."""
-        raise NotImplementedError
+        ...  # per architecture
 
     def ignored(self, key: str, cfg: ModelConfig) -> bool:
         """Checkpoint tensors that are not weights of the model (skipped, not errors)."""
@@ -246,12 +249,14 @@ class Arch:
             return True
         return cfg.tie_embeddings and key == "lm_head.weight"
 
+    @abstractmethod
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         """Why this architecture cannot express cfg (None when it can)."""
-        raise NotImplementedError
+        ...  # per architecture
 
+    @abstractmethod
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        raise NotImplementedError
+        ...  # per architecture
 
     def keep_fp32(self, key: str) -> bool:
         """HF tensors the architecture keeps in fp32 whatever the model dtype (written fp32 on export)."""

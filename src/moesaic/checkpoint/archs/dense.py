@@ -96,5 +96,5 @@ class Mistral(_Dense):
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         return "exported as LlamaForCausalLM instead"
 
-    def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:  # pragma: no cover - never chosen for export
-        raise NotImplementedError
+    def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        raise ValueError("MistralForCausalLM is load-only: moesaic exports these models as LlamaForCausalLM")

@@ -32,6 +32,16 @@ from moesaic.checkpoint.archs.base import (
 from moesaic.config import ModelConfig
 
 
+def _plain_moe_blockers(cfg: ModelConfig) -> list[str]:
+    """What an architecture with no shared experts and an MoE FFN in every layer cannot express."""
+    out = []
+    if cfg.is_moe and cfg.num_shared_experts:
+        out.append("shared experts")
+    if cfg.is_moe and len(cfg.moe_layers) != cfg.n_layers:
+        out.append("dense layers between MoE layers")
+    return out
+
+
 def _router_blockers(cfg: ModelConfig, normalize: bool | None) -> list[str]:
     out = []
     if not cfg.is_moe:
@@ -105,10 +115,7 @@ class Mixtral(_SoftmaxMoE):
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         why = gqa_blockers(cfg, False, "none") + _router_blockers(cfg, True)
-        if cfg.is_moe and cfg.num_shared_experts:
-            why.append("shared experts")
-        if cfg.is_moe and len(cfg.moe_layers) != cfg.n_layers:
-            why.append("dense layers between MoE layers")
+        why += _plain_moe_blockers(cfg)
         return "; ".join(why) or None
 
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
@@ -210,10 +217,7 @@ class Olmoe(_SoftmaxMoE):
         why = gqa_blockers(cfg, False, "full") + _router_blockers(cfg, None)
         if cfg.head_dim * cfg.n_heads != cfg.d_model:  # OLMoE sizes its q/k norms from hidden_size
             why.append(f"head_dim={cfg.head_dim} != d_model / n_heads")
-        if cfg.is_moe and cfg.num_shared_experts:
-            why.append("shared experts")
-        if cfg.is_moe and len(cfg.moe_layers) != cfg.n_layers:
-            why.append("dense layers between MoE layers")
+        why += _plain_moe_blockers(cfg)
         return "; ".join(why) or None
 
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
