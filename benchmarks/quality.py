@@ -8,9 +8,19 @@ Models (`--models`, comma-separated), all on the trunk of `--preset` (default `s
   fine-shared   32 experts top-6 of width A/8 + a shared expert of width A/4, softmax, aux 0.01, z 1e-3
   fine-sigmoid  the fine-shared shapes with a sigmoid router, loss-free bias (rate 1e-3, no aux loss),
                 weights normalised then x2.5 (DeepSeek-V3-style routing)
+  softmax-aux       the preset's own expert shapes, routed by softmax top-k with aux loss 0.01 and z-loss 1e-3
+  sigmoid-lossfree  the preset's own expert shapes, routed like fine-sigmoid
 where A = top_k * expert_ffn + shared_ffn of the preset (the active FFN width), so every recipe has the
 same active size as `moe` and `dense`. `--preset h200` is the trunk of the H200 runs in docs/training.md
-(d=512, 8 layers, A=2048, so the recipes are exactly those runs' shapes).
+(d=512, 8 layers, A=2048); its `moe` is the default recipe: 128 experts top-6 of width 256 + a shared
+expert of width 512, sigmoid router, loss-free balancing, weights normalised then x2.5.
+
+`--budget-fractions 0.7` also trains every MoE for 70 % of the steps with its own, shorter cosine schedule
+(named `moe@0.7` in the table): a run's loss midway through a longer cosine schedule is not what the same
+model reaches when its schedule ends at that step (Hoffmann et al. 2022, "Chinchilla", found a cosine cycle
+longer than the run costs loss at every intermediate step),
+so "the MoE reaches the dense final loss in 70 % of the steps" is measured both ways: the first crossing
+on the full-length curve, and the final loss of a run given 70 % of the steps.
 
 Each (model, lr, seed) is one job: a subprocess training with moesaic.train.Trainer on the same data, the
 same windows in the same order and the same token budget, evaluating on fixed validation windows every
@@ -27,10 +37,10 @@ to it (validation loss vs steps and vs training FLOPs, one line per model/seed a
     python benchmarks/quality.py --device cpu --parallel 2 --threads 1 --steps 100 --batch-size 16 \
         --seq-len 128 --lrs 2e-3,4e-3 --seeds 0,1,2 --eval-every 10 --eval-windows 32 \
         --json benchmarks/results/quality_cpu.json
-    # H200
-    python benchmarks/quality.py --preset h200 --device cuda --backend sorted --steps 1500 --batch-size 32 \
-        --seq-len 512 --lrs 1.5e-3,3e-3 --seeds 0,1,2 --data builtin:large --max-chars 150000000 \
-        --models moe,dense,fine-sigmoid --json /tmp/q/quality_h200.json
+    # H200 (see docs/training.md for the exact command of the published table)
+    python benchmarks/quality.py --preset h200 --device cuda --steps 1500 --batch-size 32 --seq-len 512 \
+        --lrs 1.5e-3,3e-3 --seeds 0,1,2 --budget-fractions 0.7 --data builtin:large --max-chars 150000000 \
+        --models moe,dense --parallel 12 --json /tmp/q/quality_h200.json
 """
 
 from __future__ import annotations
@@ -47,10 +57,13 @@ import time
 from pathlib import Path
 
 # Local trunk of the H200 runs (docs/training.md); its own MoE has the `small` preset's recipe, scaled.
+# Its own MoE is the project's default recipe (docs/training.md, "The default recipe"), at active FFN width 2048:
+# 128 experts top-6 of width 256 + a shared expert of width 512, sigmoid router with loss-free balancing.
 BENCH_PRESETS = {
     "h200": dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, ffn=2048,
-                 num_experts=16, top_k=2, expert_ffn=512, num_shared_experts=1, shared_ffn=1024,
-                 aux_loss_coef=0.01, z_loss_coef=1e-3),
+                 num_experts=128, top_k=6, expert_ffn=256, num_shared_experts=1, shared_ffn=512,
+                 router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
+                 routed_scaling_factor=2.5),
 }
 MOE_FIELDS = ("num_experts", "top_k", "expert_ffn", "num_shared_experts", "shared_ffn", "router", "aux_loss_coef",
               "z_loss_coef", "bias_update_rate", "routed_scaling_factor", "normalize_topk", "n_group", "topk_group",
@@ -72,6 +85,14 @@ def recipes(active_ffn: int) -> dict[str, dict]:
     }
 
 
+def routing_recipes() -> dict[str, dict]:
+    """Recipes that keep the preset's expert shapes and change only how tokens are routed and balanced."""
+    return {"softmax-aux": dict(router="softmax_topk", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=0.0,
+                                routed_scaling_factor=1.0, normalize_topk=True),
+            "sigmoid-lossfree": dict(router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
+                                     routed_scaling_factor=2.5, normalize_topk=True)}
+
+
 def base_config(preset: str):
     from moesaic.config import ModelConfig
 
@@ -84,15 +105,32 @@ def base_config(preset: str):
 
 
 def model_config(preset: str, name: str):
-    """The ModelConfig of model `name` (see the module docstring) on the trunk of `preset`."""
+    """The ModelConfig of model `name` (see the module docstring) on the trunk of `preset`.
+
+    `name:field=value,field=value` is model `name` with ModelConfig fields overridden (an ablation), e.g.
+    `moe:num_experts=32,routed_scaling_factor=1.0`."""
+    if ":" in name:
+        head, _, spec = name.partition(":")
+        overrides = {}
+        for item in filter(None, spec.split(",")):
+            field, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"model {name!r}: expected field=value after ':', got {item!r}")
+            try:
+                overrides[field.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[field.strip()] = value.strip()  # a bare string, e.g. router=softmax_topk
+        return model_config(preset, head).replace(**overrides)
     base = base_config(preset)
     if name == "moe":
         return base
     if name == "dense":
         return base.dense_twin("active")
+    if name in routing_recipes():
+        return base.replace(**routing_recipes()[name])
     table = recipes(base.top_k * base.expert_ffn + base.shared_ffn)
     if name not in table:
-        raise ValueError(f"unknown model {name!r}; choose from {['moe', 'dense', *table]}")
+        raise ValueError(f"unknown model {name!r}; choose from {['moe', 'dense', *table, *routing_recipes()]}")
     plain = {f: getattr(type(base)(), f) for f in MOE_FIELDS}  # reset routing to ModelConfig's defaults
     return base.replace(**{**plain, **table[name]})
 
@@ -108,7 +146,7 @@ def run_job(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    cfg = model_config(job["preset"], job["model"])
+    cfg = model_config(job["preset"], job.get("recipe", job["model"]))
     tc = TrainConfig(preset="tiny", data=job["data"], steps=job["steps"], batch_size=job["batch_size"],
                      seq_len=job["seq_len"], lr=job["lr"], warmup_steps=job["warmup_steps"],
                      eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
@@ -163,6 +201,7 @@ def summarize(results: list[dict]) -> dict:
     dense = best.get("dense")
     if dense is not None:
         dense_runs = {r["seed"]: r for r in results if r["model"] == "dense" and r["lr"] == dense["lr"]}
+        full = dense["steps"]
         for m, b in best.items():
             if m == "dense":
                 continue
@@ -171,21 +210,23 @@ def summarize(results: list[dict]) -> dict:
                     continue
                 target = dense_runs[r["seed"]]["final_val"] if r["seed"] in dense_runs else dense["val_mean"]
                 s = steps_to_reach(r["val_curve"], target)
-                b["reach"].append({"seed": r["seed"], "target": target, "step": s,
-                                   "fraction": None if s is None else s / r["steps"]})
+                b["reach"].append({"seed": r["seed"], "target": target, "step": s, "final": r["final_val"],
+                                   "fraction": None if s is None else s / full})
             b["reach"].sort(key=lambda x: x["seed"])
     return best
 
 
 def format_table(best: dict) -> str:
-    head = (f"{'model':13s} {'total':>7s} {'active':>7s} {'lr':>7s} {'val loss (mean +- sd)':>22s} "
+    w = max([13, *(len(m) for m in best)])
+    head = (f"{'model':{w}s} {'total':>7s} {'active':>7s} {'lr':>7s} {'val loss (mean +- sd)':>22s} "
             f"{'per seed':>26s}  steps to reach dense final (per seed)")
     lines = [head, "-" * len(head)]
     for m, b in best.items():
         per_seed = " ".join(f"{v:.4f}" for v in b["val_per_seed"].values())
+        full = best["dense"]["steps"] if "dense" in best else b["steps"]
         reach = ", ".join(f"s{x['seed']}: never" if x["step"] is None else
-                          f"s{x['seed']}: {x['step']}/{b['steps']} ({x['fraction']:.0%})" for x in b["reach"])
-        lines.append(f"{m:13s} {b['total'] / 1e6:6.2f}M {b['active'] / 1e6:6.2f}M {b['lr']:7.1e} "
+                          f"s{x['seed']}: {x['step']}/{full} ({x['fraction']:.0%})" for x in b["reach"])
+        lines.append(f"{m:{w}s} {b['total'] / 1e6:6.2f}M {b['active'] / 1e6:6.2f}M {b['lr']:7.1e} "
                      f"{b['val_mean']:13.4f} +- {b['val_std']:.4f} {per_seed:>26s}  {reach or '-'}")
     return "\n".join(lines)
 
@@ -231,20 +272,28 @@ def write_plot(results: list[dict], best: dict, png: Path) -> bool:
 
 
 def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    models = [m.strip() for m in a.models.split(";" if ":" in a.models else ",") if m.strip()]
     for m in models:
         model_config(a.preset, m)  # unknown names fail here, before any training
     lrs = [float(x) for x in a.lrs.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     if not models or not lrs or not seeds:
         raise ValueError("--models, --lrs and --seeds each need at least one value")
+    fractions = [float(x) for x in a.budget_fractions.split(",") if x.strip()]
+    if any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"--budget-fractions must lie strictly between 0 and 1, got {a.budget_fractions!r}")
     eval_every = a.eval_every or max(1, a.steps // 10)
     warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 10)
-    return [dict(preset=a.preset, model=m, lr=lr, seed=s, steps=a.steps, batch_size=a.batch_size,
+    # (name in the table, recipe, steps): every model at the full budget, and each MoE again with its own
+    # shorter schedule for every budget fraction (named e.g. "moe@0.7")
+    runs = [(m, m, a.steps) for m in models]
+    runs += [(f"{m}@{f:g}", m, round(f * a.steps)) for f in fractions for m in models if m != "dense"]
+    return [dict(preset=a.preset, model=name, recipe=m, lr=lr, seed=s, steps=steps, batch_size=a.batch_size,
                  seq_len=a.seq_len, warmup_steps=warmup, data=a.data, max_chars=a.max_chars, eval_every=eval_every,
                  eval_windows=a.eval_windows, device=a.device, backend=a.backend, threads=a.threads,
-                 cache_dir=a.cache_dir, keep_runs=a.keep_runs, out=str(work / f"{m}-lr{lr:g}-s{s}"),
-                 result=str(work / f"{m}-lr{lr:g}-s{s}.json")) for m in models for lr in lrs for s in seeds]
+                 cache_dir=a.cache_dir, keep_runs=a.keep_runs, out=str(work / f"{name}-lr{lr:g}-s{s}"),
+                 result=str(work / f"{name}-lr{lr:g}-s{s}.json"))
+            for name, m, steps in runs for lr in lrs for s in seeds]
 
 
 def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print) -> list[dict]:
@@ -347,12 +396,16 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="trunk and default MoE: a moesaic preset, or 'h200'")
-    ap.add_argument("--models", default="moe,dense", help="moe, dense, mixtral, fine-shared, fine-sigmoid")
+    ap.add_argument("--models", default="moe,dense", help="comma-separated: moe, dense, mixtral, fine-shared, "
+                    "fine-sigmoid, softmax-aux, sigmoid-lossfree; NAME:field=value,... overrides config fields "
+                    "(then separate the models with ';')")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lrs", default="1.5e-3,3e-3", help="the learning-rate sweep, the same for every model")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--budget-fractions", default="", help="e.g. 0.7: also train each MoE for 70%% of the steps "
+                    "with its own (shorter) cosine schedule, and compare its loss with the dense twin's final one")
     ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: steps // 10)")
     ap.add_argument("--data", default="builtin")
     ap.add_argument("--max-chars", type=int, default=None)

@@ -58,7 +58,7 @@ def test_summarize_picks_lr_by_mean_over_seeds_and_compares_seed_by_seed(quality
 
 def test_recipes_keep_the_active_size_and_unknown_models_fail(quality):
     moe, dense = quality.model_config("small", "moe"), quality.model_config("small", "dense")
-    assert dense.num_experts == 0 and moe.num_experts == 16
+    assert dense.num_experts == 0 and moe.num_experts == 16 and moe.router == "sigmoid_topk"
     active = moe.top_k * moe.expert_ffn + moe.shared_ffn
     for name in ("mixtral", "fine-shared", "fine-sigmoid"):
         c = quality.model_config("small", name)
@@ -112,3 +112,36 @@ def test_merge_takes_earlier_runs_only_with_the_same_settings(quality, tmp_path)
     a = quality.parser().parse_args([args[0], "200", *args[2:], "--merge", str(prev)])
     with pytest.raises(ValueError, match="steps"):
         quality.merged_runs(a, {"fine-sigmoid"})
+
+
+def test_budget_fraction_runs_get_their_own_shorter_schedule_and_compare_by_final_loss(quality, tmp_path):
+    a = quality.parser().parse_args(["--models", "moe,dense", "--steps", "100", "--lrs", "1e-3", "--seeds", "0",
+                                     "--budget-fractions", "0.7"])
+    jobs = quality.make_jobs(a, tmp_path)
+    by_name = {j["model"]: j for j in jobs}
+    assert set(by_name) == {"moe", "dense", "moe@0.7"}  # no budget run of the dense twin
+    assert by_name["moe@0.7"]["steps"] == 70 and by_name["moe@0.7"]["recipe"] == "moe"
+    assert by_name["moe@0.7"]["warmup_steps"] == by_name["moe"]["warmup_steps"]  # same warmup, shorter cosine
+    results = [_run("dense", 1e-3, 0, 4.0, [[50, 4.5], [100, 4.0]], steps=100),
+               _run("moe", 1e-3, 0, 3.8, [[50, 4.2], [80, 4.0], [100, 3.8]], steps=100),
+               _run("moe@0.7", 1e-3, 0, 3.95, [[35, 4.3], [70, 3.95]], steps=70)]
+    best = quality.summarize(results)
+    assert best["moe"]["reach"][0]["fraction"] == pytest.approx(0.8)
+    short = best["moe@0.7"]["reach"][0]
+    assert short["step"] == 70 and short["fraction"] == pytest.approx(0.7)  # a fraction of the dense steps
+    assert "s0: 70/100 (70%)" in quality.format_table(best)
+    with pytest.raises(ValueError, match="strictly between"):
+        quality.make_jobs(quality.parser().parse_args(["--budget-fractions", "1.5"]), tmp_path)
+
+
+def test_model_overrides_make_ablations_and_bad_fields_fail(quality):
+    c = quality.model_config("h200", "moe:num_experts=32,routed_scaling_factor=1.0,router=softmax_topk")
+    assert (c.num_experts, c.routed_scaling_factor, c.router) == (32, 1.0, "softmax_topk")
+    assert c.top_k == quality.model_config("h200", "moe").top_k
+    with pytest.raises(ValueError, match="field=value"):
+        quality.model_config("h200", "moe:num_experts")
+    with pytest.raises(ValueError):
+        quality.model_config("h200", "moe:no_such_field=1")
+    a = quality.parser().parse_args(["--models", "moe;moe:num_experts=32;dense", "--seeds", "0", "--lrs", "1e-3"])
+    assert [j["model"] for j in quality.make_jobs(a, __import__("pathlib").Path("/tmp"))] == [
+        "moe", "moe:num_experts=32", "dense"]
