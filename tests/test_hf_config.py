@@ -69,6 +69,28 @@ def test_unsupported_features_are_named(extra, match):
         hf_to_config({"architectures": ["LlamaForCausalLM"], **BASE, **extra})
 
 
+GLM = dict(BASE, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, partial_rotary_factor=1.0)
+
+
+@pytest.mark.parametrize("arch, extra, match", [
+    ("Glm4MoeForCausalLM", {"partial_rotary_factor": None}, "partial_rotary_factor=0.5"),  # GLM's default
+    ("Glm4MoeForCausalLM", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("Glm4MoeForCausalLM", {"n_shared_experts": 0}, "n_shared_experts must be >= 1"),
+    ("Glm4MoeForCausalLM", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("Dots1ForCausalLM", {"attention_bias": True, "n_shared_experts": 1}, "attention_bias=True"),
+    ("Dots1ForCausalLM", {}, "n_shared_experts must be >= 1"),  # dots1 has no default
+])
+def test_glm_and_dots1_unsupported_features_are_named(arch, extra, match):
+    d = {"architectures": [arch], **GLM, **extra}
+    with pytest.raises(ArchError, match=f"{arch}: .*{match}"):
+        hf_to_config({k: v for k, v in d.items() if v is not None})
+
+
+def test_glm_attention_bias_is_qkv_only():
+    _, cfg = hf_to_config({"architectures": ["Glm4MoeForCausalLM"], **GLM, "attention_bias": True})
+    assert cfg.qkv_bias and cfg.qk_norm == "none" and cfg.first_dense_layers == 1 and cfg.normalize_topk
+
+
 def test_model_type_fallback_and_aliases():
     arch, cfg = hf_to_config({"model_type": "qwen3_moe", **BASE, "num_experts": 8, "num_experts_per_tok": 2,
                               "moe_intermediate_size": 16, "head_dim": 16, "decoder_sparse_step": 2})

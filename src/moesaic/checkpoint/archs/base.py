@@ -95,7 +95,7 @@ def rope_from_hf(h: HFConfig, max_pos: int) -> tuple[float, dict[str, Any] | Non
         raise h.fail("per-layer-type RoPE parameters are not supported")
     theta = float(params.get("rope_theta") or h.get("rope_theta") or
                   (h.defaults.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", h.d.get("partial_rotary_factor"))
+    partial = params.get("partial_rotary_factor", h.get("partial_rotary_factor"))  # GLM defaults to 0.5
     if partial not in (None, 1, 1.0):
         raise h.fail(f"partial_rotary_factor={partial} is not supported (moesaic rotates the whole head)")
     kind = params.get("rope_type", params.get("type")) or "default"
