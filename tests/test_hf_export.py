@@ -51,6 +51,10 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
                                                       v_head_dim=8, rope_interleave=True, num_experts=6, top_k=2,
                                                       expert_ffn=16, num_shared_experts=1, shared_ffn=16,
                                                       normalize_topk=False, routed_scaling_factor=2.0)),
+    "glm4_moe_partial": ("Glm4MoeForCausalLM", "", dict(**TRUNK, num_experts=6, top_k=2, expert_ffn=16,
+                                                        num_shared_experts=1, router="sigmoid_topk", qkv_bias=True,
+                                                        rope_scaling={"rope_type": "default",
+                                                                      "partial_rotary_factor": 0.5})),
     "llama": ("LlamaForCausalLM", "", dict(**TRUNK, num_experts=0)),
     "qwen2": ("Qwen2ForCausalLM", "", dict(**TRUNK, num_experts=0, qkv_bias=True)),
     "qwen3": ("Qwen3ForCausalLM", "", dict(**TRUNK, num_experts=0, qk_norm="head", head_dim=16)),
@@ -129,6 +133,7 @@ def test_sharded_bf16_export(tmp_path):
     ("deepseek-mini", dict(shared_expert_gate=True), "GLM-4-MoE needs ungated shared experts"),  # sigmoid + gate
     ("deepseek-mini", dict(qk_norm="full"), "qk_norm='full' (needs 'none')"),  # OLMoE's norm with sigmoid routing
     ("switch-mini", {}, "capacity_factor"),                                        # token dropping
+    ("tiny", dict(num_experts=0, rope_scaling={"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
 ])
 def test_inexpressible_models_name_the_blocker(preset, fields, blocker, tmp_path):
     model = build_model(ModelConfig.preset(preset, n_layers=2, d_model=64, vocab_size=64, **fields))

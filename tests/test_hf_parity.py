@@ -53,6 +53,11 @@ CASES: dict[str, tuple[str, dict]] = {
                                  num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
                                  n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                                  attention_bias=True, use_qk_norm=True, head_dim=12, partial_rotary_factor=1.0)),
+    # GLM-4.5-Air's shape: q/k/v biases, no q/k norm, half of each head rotated (GLM's default factor 0.5).
+    "glm4_moe_partial": ("Glm4Moe", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                         num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1,
+                                         routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True,
+                                         head_dim=16)),
     "glm4_moe_plain_yarn": ("Glm4Moe", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=6,
                                             num_experts_per_tok=2, first_k_dense_replace=0, n_shared_experts=1,
                                             routed_scaling_factor=1.0, norm_topk_prob=False, rope_parameters={
@@ -114,7 +119,8 @@ def test_fp32_logits_match_transformers(case, tmp_path):
     assert rel_err(ours, ref) <= 1e-4, f"{case}: fp32 relative error {rel_err(ours, ref):.2e}"
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe",
+                                  "glm4_moe_partial", "qwen2"])
 def test_bf16_checkpoint_logits(case, tmp_path):
     """bf16 weights on disk -> bf16 model. Relative error (Frobenius, over all logits) vs transformers in
     bf16 <= 1e-2, and vs the fp32 truth no worse than transformers' own bf16 error (+ slack)."""
@@ -201,6 +207,9 @@ def test_configs_exercise_features(tmp_path):
     assert (glm.attention, glm.qkv_bias, glm.qk_norm, glm.router, glm.n_group, glm.first_dense_layers) == (
         "gqa", True, "head", "sigmoid_topk", 4, 1)
     assert glm.routed_scaling_factor == 2.5 and glm.normalize_topk and glm.shared_ffn == 32 and glm.head_dim == 12
+    partial = load(_saved(build_hf("glm4_moe_partial"), tmp_path / "p"))
+    assert partial.config.rope_scaling == {"rope_type": "default", "partial_rotary_factor": 0.5}
+    assert partial.blocks[0].attn.rope.inv_freq.numel() == 4  # 8 of 16 dims rotated
     dots = load(_saved(build_hf("dots1"), tmp_path / "d")).config
     assert dots.qk_norm == "head" and dots.max_seq_len == 32 and dots.moe_layers == [1, 2]
 
@@ -211,7 +220,7 @@ def _saved(hf_model, folder):
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe", "dots1", "llama"])
+                                  "glm4_moe", "glm4_moe_partial", "dots1", "llama"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     """32 greedy tokens: transformers `generate` vs moesaic's inference Engine (KV cache, incremental decode)."""
     from moesaic.inference.engine import Engine

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesaic.checkpoint.archs.base import Copy, Entry, trunk_fields, trunk_to_hf
+from moesaic.checkpoint.archs.base import Copy, Entry, partial_rotary_factor, trunk_fields, trunk_to_hf
 from moesaic.checkpoint.archs.deepseek_moe import DeepseekMoE
 from moesaic.config import ModelConfig
 
@@ -56,8 +56,8 @@ class DeepseekV3(DeepseekMoE):
         why = []
         if cfg.attention != "mla":
             why.append(f"attention={cfg.attention!r} (DeepSeek-V3 needs 'mla')")
-        if cfg.qkv_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None:
-            why.append("qkv_bias / qk_norm / clip_qkv (not in DeepSeek-V3 attention)")
+        if cfg.qkv_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None or partial_rotary_factor(cfg) != 1:
+            why.append("qkv_bias / qk_norm / clip_qkv / partial rotary (not in DeepSeek-V3 attention)")
         why += self.moe_blockers(cfg, "DeepSeek-V3")
         return "; ".join(why) or None
 
@@ -100,8 +100,8 @@ class DeepseekV2(DeepseekV3):
         why = []
         if cfg.attention != "mla" or not cfg.rope_interleave:
             why.append("DeepSeek-V2 needs attention='mla' with rope_interleave")
-        if cfg.qkv_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None:
-            why.append("qkv_bias / qk_norm / clip_qkv (not in DeepSeek-V2 attention)")
+        if cfg.qkv_bias or cfg.qk_norm != "none" or cfg.clip_qkv is not None or partial_rotary_factor(cfg) != 1:
+            why.append("qkv_bias / qk_norm / clip_qkv / partial rotary (not in DeepSeek-V2 attention)")
         if not cfg.is_moe:
             return "; ".join(why + ["num_experts=0 (an MoE architecture)"])
         if cfg.router != "softmax_topk" or cfg.normalize_topk or cfg.capacity_factor is not None:

@@ -4,7 +4,8 @@ layers (sigmoid routing with a correction bias, shared experts, first dense laye
 HF layer i (`a` = model.layers.i.self_attn):
   a.{q,k,v,o}_proj (+ q/k/v biases: GLM `attention_bias`)  -> blocks.i.attn.{wq,wk,wv,wo}
   a.q_norm, a.k_norm (per-head RMSNorm: GLM `use_qk_norm`, always in dots1) -> blocks.i.attn.q_norm, k_norm
-GLM rotates the first `partial_rotary_factor` of each head (default 0.5 when config.json omits it).
+GLM rotates the first `partial_rotary_factor` of each head (default 0.5 when config.json omits it), kept in
+ModelConfig.rope_scaling as transformers keeps it in rope_parameters (model/rope.py: rotary_dim, apply_rope).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from moesaic.checkpoint.archs.base import (
     gqa_blockers,
     gqa_entries,
     no_o_bias,
+    partial_rotary_factor,
     trunk_fields,
     trunk_to_hf,
 )
 from moesaic.checkpoint.archs.deepseek_moe import DeepseekMoE
 from moesaic.config import ModelConfig
+from moesaic.model.rope import rotary_dim
 
 
 class Glm4Moe(DeepseekMoE):
@@ -38,7 +41,12 @@ class Glm4Moe(DeepseekMoE):
         return ModelConfig(**trunk, **self.moe_fields(h, trunk["n_layers"]), **self.attn_fields(h))
 
     def trunk(self, h: HFConfig) -> dict[str, Any]:
-        return trunk_fields(h)
+        out = trunk_fields(h, partial_rotary=True)
+        try:
+            rotary_dim(out["head_dim"], out["rope_scaling"])
+        except ValueError as e:
+            raise h.fail(str(e)) from None
+        return out
 
     def attn_fields(self, h: HFConfig) -> dict[str, Any]:
         # attention_bias puts biases on q/k/v only (o_proj never has one in GLM-4-MoE).
@@ -49,12 +57,12 @@ class Glm4Moe(DeepseekMoE):
 
     def export_blocker(self, cfg: ModelConfig) -> str | None:
         qk_norm = "head" if cfg.qk_norm == "head" else "none"
-        why = gqa_blockers(cfg, cfg.qkv_bias, qk_norm) + self.moe_blockers(cfg, "GLM-4-MoE")
+        why = gqa_blockers(cfg, cfg.qkv_bias, qk_norm, partial_rotary=True) + self.moe_blockers(cfg, "GLM-4-MoE")
         return "; ".join(why) or None
 
     def to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         d = trunk_to_hf(cfg, self.name, self.model_type)
-        d["rope_parameters"]["partial_rotary_factor"] = 1.0  # explicit: GLM's default is 0.5
+        d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor(cfg)  # explicit: GLM's default is 0.5
         d.update(self.moe_to_hf(cfg), attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm == "head",
                  num_nextn_predict_layers=0)
         return d
