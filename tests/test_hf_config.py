@@ -69,6 +69,53 @@ def test_unsupported_features_are_named(extra, match):
         hf_to_config({"architectures": ["LlamaForCausalLM"], **BASE, **extra})
 
 
+GLM = dict(BASE, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, partial_rotary_factor=1.0)
+
+
+@pytest.mark.parametrize("arch, extra, match", [
+    ("Glm4MoeForCausalLM", {"partial_rotary_factor": 0.5625}, "gives 9 rotary dims of head_dim=16"),
+    ("Dots1ForCausalLM", {"partial_rotary_factor": 0.5, "n_shared_experts": 1}, "partial_rotary_factor=0.5"),
+    ("Glm4MoeForCausalLM", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("Glm4MoeForCausalLM", {"n_shared_experts": 0}, "n_shared_experts must be >= 1"),
+    ("Glm4MoeForCausalLM", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("Dots1ForCausalLM", {"attention_bias": True, "n_shared_experts": 1}, "attention_bias=True"),
+    ("Dots1ForCausalLM", {}, "n_shared_experts must be >= 1"),  # dots1 has no default
+])
+def test_glm_and_dots1_unsupported_features_are_named(arch, extra, match):
+    d = {"architectures": [arch], **GLM, **extra}
+    with pytest.raises(ArchError, match=f"{arch}: .*{match}"):
+        hf_to_config({k: v for k, v in d.items() if v is not None})
+
+
+def test_partial_rope_matches_transformers():
+    """model/rope.py's partial rotary (first R of D dims, rotate_half) against GLM-4-MoE's reference code."""
+    from transformers.models.glm4_moe import modeling_glm4_moe as ref
+
+    from moesaic.model.rope import RotaryEmbedding, apply_rope, rotary_dim
+
+    d = {k: v for k, v in GLM.items() if k != "partial_rotary_factor"}
+    _, cfg = hf_to_config({"architectures": ["Glm4MoeForCausalLM"], **d})
+    assert cfg.rope_scaling == {"rope_type": "default", "partial_rotary_factor": 0.5}  # GLM's default
+    hf_cfg = transformers.Glm4MoeConfig(**d)
+    r = rotary_dim(cfg.head_dim, cfg.rope_scaling)
+    assert r == 8 and cfg.head_dim == 16
+    pos = torch.arange(11)[None]
+    q, k = torch.randn(2, 1, 4, 11, 16, dtype=torch.float64).float()
+    cos, sin = RotaryEmbedding(r, cfg.rope_theta, cfg.rope_scaling)(pos, torch.float32)
+    hcos, hsin = ref.Glm4MoeRotaryEmbedding(hf_cfg)(q, pos)
+    assert torch.allclose(cos, hcos) and torch.allclose(sin, hsin)
+    want_q, want_k = ref.apply_rotary_pos_emb(q, k, hcos, hsin)
+    assert torch.equal(apply_rope(q, cos, sin), want_q) and torch.equal(apply_rope(k, cos, sin), want_k)
+    assert torch.equal(apply_rope(q, cos, sin)[..., 8:], q[..., 8:])  # the rest passes through
+    with pytest.raises(ValueError, match="gives 3 rotary dims"):
+        rotary_dim(16, {"partial_rotary_factor": 0.2})
+
+
+def test_glm_attention_bias_is_qkv_only():
+    _, cfg = hf_to_config({"architectures": ["Glm4MoeForCausalLM"], **GLM, "attention_bias": True})
+    assert cfg.qkv_bias and cfg.qk_norm == "none" and cfg.first_dense_layers == 1 and cfg.normalize_topk
+
+
 def test_model_type_fallback_and_aliases():
     arch, cfg = hf_to_config({"model_type": "qwen3_moe", **BASE, "num_experts": 8, "num_experts_per_tok": 2,
                               "moe_intermediate_size": 16, "head_dim": 16, "decoder_sparse_step": 2})
@@ -95,11 +142,18 @@ REAL_CONFIGS = {  # config.json of public checkpoints (the fields that matter)
 "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "num_nextn_predict_layers": 1, "tie_word_embeddings": False},
 "olmoe-1b-7b": {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "clip_qkv": None, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False, "vocab_size": 50304},
 }
+# GLM-4.5-Air / GLM-4.5: shapes as published for training (Megatron arguments: 1 + 45 / 3 + 89 layers, 96 heads,
+# 8 kv groups of 128, rotary-percent 0.5, qkv bias, GLM-4.5 with qk layernorm), in config.json spelling.
+_GLM = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True, "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 131072, "n_group": 1, "topk_group": 1, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8, "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_theta": 1000000, "tie_word_embeddings": False, "vocab_size": 151552}
+REAL_CONFIGS["glm-4.5-air"] = {**_GLM, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408, "n_routed_experts": 128, "num_hidden_layers": 46, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0, "use_qk_norm": False}
+REAL_CONFIGS["glm-4.5"] = {**_GLM, "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536, "n_routed_experts": 160, "num_hidden_layers": 92, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "use_qk_norm": True}
 
 
 # Published totals (model cards): parameters including embeddings, in billions (DeepSeek-V3: without its
 # 14B multi-token-prediction module, which moesaic skips as transformers does).
-PUBLISHED_TOTAL_B = {"deepseek-v3": 671, "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "deepseek-v2-lite": 15.7, "olmoe-1b-7b": 6.9}
+# GLM: 106.9B and 352.8B without the MTP layer; the cards' 106B / 355B are rounded (and 12B / 32B active match).
+PUBLISHED_TOTAL_B = {"deepseek-v3": 671, "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "deepseek-v2-lite": 15.7, "olmoe-1b-7b": 6.9,
+                     "glm-4.5-air": 106, "glm-4.5": 355}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_CONFIGS))

@@ -25,8 +25,19 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
                                                   num_shared_experts=1, shared_ffn=24, shared_expert_gate=True,
                                                   qkv_bias=True, first_dense_layers=1, head_dim=12,
                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "small_preset": ("Qwen2MoeForCausalLM", "small", dict(n_layers=2, d_model=64, vocab_size=80, ffn=64,
-                                                          expert_ffn=32)),  # ungated shared expert
+    # The default recipe: sigmoid routing + correction bias, normalised top-k x 2.5, one ungated shared expert, GQA.
+    "small_preset": ("Glm4MoeForCausalLM", "small", dict(n_layers=2, d_model=64, vocab_size=80, ffn=64, expert_ffn=32,
+                                                         router="sigmoid_topk", bias_update_rate=1e-3,
+                                                         routed_scaling_factor=2.5)),
+    "small_softmax": ("Qwen2MoeForCausalLM", "small", dict(n_layers=2, d_model=64, vocab_size=80, ffn=64, expert_ffn=32,
+                                                           router="softmax_topk", bias_update_rate=0.0,
+                                                           routed_scaling_factor=1.0)),  # ungated shared expert
+    "deepseek_mini_gqa": ("Glm4MoeForCausalLM", "deepseek-mini", dict(n_layers=3, d_model=64, vocab_size=80, ffn=64,
+                                                                      expert_ffn=16, attention="gqa", n_kv_heads=4)),
+    "glm4_moe": ("Glm4MoeForCausalLM", "", dict(**TRUNK, num_experts=8, top_k=3, expert_ffn=16, num_shared_experts=2,
+                                                shared_ffn=32, first_dense_layers=1, router="sigmoid_topk", n_group=4,
+                                                topk_group=2, normalize_topk=False, routed_scaling_factor=1.5,
+                                                qkv_bias=True, qk_norm="head", head_dim=12)),
     "olmoe": ("OlmoeForCausalLM", "", dict(**TRUNK, num_experts=4, top_k=2, expert_ffn=16, qk_norm="full",
                                            clip_qkv=0.2, normalize_topk=False)),
     "deepseek_v3": ("DeepseekV3ForCausalLM", "", dict(**{**TRUNK, "n_kv_heads": 4}, attention="mla", q_lora_rank=12,
@@ -40,15 +51,21 @@ CASES: dict[str, tuple[str, str, dict]] = {  # id -> (expected architecture, pre
                                                       v_head_dim=8, rope_interleave=True, num_experts=6, top_k=2,
                                                       expert_ffn=16, num_shared_experts=1, shared_ffn=16,
                                                       normalize_topk=False, routed_scaling_factor=2.0)),
+    "glm4_moe_partial": ("Glm4MoeForCausalLM", "", dict(**TRUNK, num_experts=6, top_k=2, expert_ffn=16,
+                                                        num_shared_experts=1, router="sigmoid_topk", qkv_bias=True,
+                                                        rope_scaling={"rope_type": "default",
+                                                                      "partial_rotary_factor": 0.5})),
     "llama": ("LlamaForCausalLM", "", dict(**TRUNK, num_experts=0)),
     "qwen2": ("Qwen2ForCausalLM", "", dict(**TRUNK, num_experts=0, qkv_bias=True)),
     "qwen3": ("Qwen3ForCausalLM", "", dict(**TRUNK, num_experts=0, qk_norm="head", head_dim=16)),
 }
 
 
-def make_model(case: str, seed: int = 0):
+def make_model(case: str, seed: int = 0, **changes):
     _, preset, kw = CASES[case]
     cfg = ModelConfig.preset(preset, **kw) if preset else ModelConfig(**kw)
+    if changes:
+        cfg = cfg.replace(**changes)
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     with torch.no_grad():  # larger weights than the training init: routing and norms matter
@@ -68,7 +85,20 @@ def test_round_trip_through_transformers(case, tmp_path):
     arch = CASES[case][0]
     model = make_model(case)
     assert for_export(model.config).name == arch
-    chosen = export_hf(model, tmp_path / "hf")
+    check_round_trip(model, arch, tmp_path)
+
+
+def test_forced_dots1_round_trip(tmp_path):
+    """dots1 expresses a subset of GLM-4-MoE (no qkv bias, q/k norm required): written only when asked for."""
+    model = make_model("glm4_moe", qkv_bias=False)
+    check_round_trip(model, "Dots1ForCausalLM", tmp_path, forced=True)
+    with pytest.raises(ArchError, match="cannot export as Dots1ForCausalLM: .*qkv_bias=True"):
+        export_hf(make_model("glm4_moe"), tmp_path / "x", arch="Dots1ForCausalLM")
+
+
+def check_round_trip(model, arch: str, tmp_path, forced: bool = False) -> None:
+    """export_hf -> transformers loads it with no missing/unexpected keys, same logits; moesaic.load too."""
+    chosen = export_hf(model, tmp_path / "hf", arch=arch if forced else None)
     assert chosen.name == arch
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["architectures"] == [arch]
@@ -99,12 +129,14 @@ def test_sharded_bf16_export(tmp_path):
         assert float((back(ids).float() - ref).norm() / ref.norm()) <= 1e-2
 
 
-@pytest.mark.parametrize("preset, blocker", [
-    ("deepseek-mini", "needs 'mla'"),                 # sigmoid routing with GQA attention
-    ("switch-mini", "capacity_factor"),               # token dropping
+@pytest.mark.parametrize("preset, fields, blocker", [
+    ("deepseek-mini", dict(shared_expert_gate=True), "GLM-4-MoE needs ungated shared experts"),  # sigmoid + gate
+    ("deepseek-mini", dict(qk_norm="full"), "qk_norm='full' (needs 'none')"),  # OLMoE's norm with sigmoid routing
+    ("switch-mini", {}, "capacity_factor"),                                        # token dropping
+    ("tiny", dict(num_experts=0, rope_scaling={"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
 ])
-def test_inexpressible_models_name_the_blocker(preset, blocker, tmp_path):
-    model = build_model(ModelConfig.preset(preset, n_layers=2, d_model=64, vocab_size=64))
+def test_inexpressible_models_name_the_blocker(preset, fields, blocker, tmp_path):
+    model = build_model(ModelConfig.preset(preset, n_layers=2, d_model=64, vocab_size=64, **fields))
     with pytest.raises(ArchError, match="no transformers architecture") as e:
         export_hf(model, tmp_path / "hf")
     assert blocker in str(e.value)
@@ -163,7 +195,8 @@ def test_export_carries_tokenizer_and_eos(tmp_path):
     assert ref.encode(want, add_special_tokens=False) == tok.encode_chat(MESSAGES)
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3_noqlora_yarn", "llama", "qwen2", "qwen2_moe_step2", "mistral"])
+@pytest.mark.parametrize("case", ["deepseek_v3_noqlora_yarn", "glm4_moe_plain_yarn", "dots1", "llama", "qwen2",
+                                  "qwen2_moe_step2", "mistral"])
 def test_hf_to_moesaic_to_hf(case, tmp_path):
     """A loaded HF model exported again (RoPE scaling, tying, sparse steps, windows) loads with the same logits."""
     from test_hf_parity import VOCAB, build_hf
@@ -179,11 +212,12 @@ def test_hf_to_moesaic_to_hf(case, tmp_path):
     assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
-def test_bf16_export_keeps_deepseek_routing_fp32(tmp_path):
-    """As transformers keeps DeepSeek's gate weight and correction bias fp32, so does the exported file."""
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe"])
+def test_bf16_export_keeps_deepseek_routing_fp32(case, tmp_path):
+    """As transformers keeps DeepSeek's / GLM's gate weight and correction bias fp32, so does the exported file."""
     from safetensors import safe_open
 
-    model = make_model("deepseek_v3")
+    model = make_model(case)
     export_hf(model, tmp_path / "hf", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32

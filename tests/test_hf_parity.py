@@ -3,7 +3,8 @@
 Every architecture moesaic maps is built from a config (no download), with configs that exercise the
 features: group-limited sigmoid routing with a non-zero correction bias, unnormalised top-k, shared-expert
 gates, dense layers (first_k_dense_replace, mlp_only_layers, decoder_sparse_step), qkv biases, q/k norms,
-clip_qkv, MLA with and without a q LoRA, YaRN RoPE scaling, tied embeddings.
+clip_qkv, MLA with and without a q LoRA, the same sigmoid routing under GQA (GLM-4-MoE, dots1), YaRN RoPE
+scaling, sliding windows, tied embeddings.
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ CASES: dict[str, tuple[str, dict]] = {
                                        kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
                                        num_key_value_heads=4, n_shared_experts=1, routed_scaling_factor=1.5,
                                        topk_method="greedy")),
+    # GLM-4-MoE: q/k/v biases, per-head q/k norm, group-limited sigmoid routing, two shared experts.
+    "glm4_moe": ("Glm4Moe", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                 num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                 n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                 attention_bias=True, use_qk_norm=True, head_dim=12, partial_rotary_factor=1.0)),
+    # GLM-4.5-Air's shape: q/k/v biases, no q/k norm, half of each head rotated (GLM's default factor 0.5).
+    "glm4_moe_partial": ("Glm4Moe", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                         num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1,
+                                         routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True,
+                                         head_dim=16)),
+    "glm4_moe_plain_yarn": ("Glm4Moe", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=6,
+                                            num_experts_per_tok=2, first_k_dense_replace=0, n_shared_experts=1,
+                                            routed_scaling_factor=1.0, norm_topk_prob=False, rope_parameters={
+                                                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 32,
+                                                "partial_rotary_factor": 1.0})),
+    # dots1: Qwen3 attention (per-head q/k norm) on DeepSeek-V3 MoE layers; layer 2 slides (window 32 > 19 ids).
+    "dots1": ("Dots1", dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2,
+                            n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+                            routed_scaling_factor=1.5, head_dim=8, sliding_window=32, max_window_layers=2)),
     "llama": ("Llama", dict(intermediate_size=40, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
@@ -98,7 +119,8 @@ def test_fp32_logits_match_transformers(case, tmp_path):
     assert rel_err(ours, ref) <= 1e-4, f"{case}: fp32 relative error {rel_err(ours, ref):.2e}"
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe",
+                                  "glm4_moe_partial", "qwen2"])
 def test_bf16_checkpoint_logits(case, tmp_path):
     """bf16 weights on disk -> bf16 model. Relative error (Frobenius, over all logits) vs transformers in
     bf16 <= 1e-2, and vs the fp32 truth no worse than transformers' own bf16 error (+ slack)."""
@@ -134,7 +156,7 @@ def test_sharded_checkpoint(case, tmp_path):
     assert rel_err(ours, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe"])
 def test_transformers5_fused_expert_names(case, tmp_path):
     """Files written from transformers-5 module names (mlp.experts.gate_up_proj [E, 2F, D])."""
     from safetensors.torch import save_file
@@ -181,6 +203,15 @@ def test_configs_exercise_features(tmp_path):
     assert olmoe.config.clip_qkv == 0.3 and olmoe.config.qk_norm == "full"
     # Sliding-window attention equals full attention up to the window: the usable length is capped there.
     assert load(_saved(build_hf("mistral"), tmp_path / "m")).config.max_seq_len == 32
+    glm = load(_saved(build_hf("glm4_moe"), tmp_path / "g")).config
+    assert (glm.attention, glm.qkv_bias, glm.qk_norm, glm.router, glm.n_group, glm.first_dense_layers) == (
+        "gqa", True, "head", "sigmoid_topk", 4, 1)
+    assert glm.routed_scaling_factor == 2.5 and glm.normalize_topk and glm.shared_ffn == 32 and glm.head_dim == 12
+    partial = load(_saved(build_hf("glm4_moe_partial"), tmp_path / "p"))
+    assert partial.config.rope_scaling == {"rope_type": "default", "partial_rotary_factor": 0.5}
+    assert partial.blocks[0].attn.rope.inv_freq.numel() == 4  # 8 of 16 dims rotated
+    dots = load(_saved(build_hf("dots1"), tmp_path / "d")).config
+    assert dots.qk_norm == "head" and dots.max_seq_len == 32 and dots.moe_layers == [1, 2]
 
 
 def _saved(hf_model, folder):
@@ -188,7 +219,8 @@ def _saved(hf_model, folder):
     return folder
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "llama"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2",
+                                  "glm4_moe", "glm4_moe_partial", "dots1", "llama"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     """32 greedy tokens: transformers `generate` vs moesaic's inference Engine (KV cache, incremental decode)."""
     from moesaic.inference.engine import Engine

@@ -2,7 +2,8 @@
 
 Plan of `export_hf`:
  1. pick the architecture that expresses the config (Mixtral-style for plain softmax top-k, Qwen2-MoE /
-    Qwen3-MoE / OLMoE / DeepSeek-V3 where their features fit, Llama / Qwen2 / Qwen3 for dense models);
+    Qwen3-MoE / OLMoE / DeepSeek-V3 (MLA) / GLM-4-MoE (sigmoid routing, GQA) where their features fit,
+    Llama / Qwen2 / Qwen3 for dense models);
     a model none can express gets an error listing, per architecture, the feature that blocks it;
  2. write everything into a temporary sibling folder: config.json, generation_config.json,
     safetensors with per-expert names (sharded past `max_shard_bytes`), tokenizer files when given;

@@ -11,7 +11,7 @@ from torch import nn
 
 from moesaic.config import ModelConfig
 from moesaic.model.norm import RMSNorm
-from moesaic.model.rope import RotaryEmbedding, apply_rope
+from moesaic.model.rope import RotaryEmbedding, apply_rope, rotary_dim
 
 
 def rope_tables(rope_module, positions_BT: torch.Tensor, dtype: torch.dtype,
@@ -51,11 +51,11 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(self.n_heads * self.hd, cfg.norm_eps)
             self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.norm_eps)
-        self.rope = RotaryEmbedding(self.hd, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = RotaryEmbedding(rotary_dim(self.hd, cfg.rope_scaling), cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """rope: (cos, sin) [B, T, Dh] computed once per forward by the model (else computed here)."""
+        """rope: (cos, sin) [B, T, R <= Dh] computed once per forward by the model (else computed here)."""
         b, t, _ = x_BTD.shape
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
         if self.qk_norm == "full":  # OLMoE: normalise over all heads, then clip (transformers' order)

@@ -11,11 +11,13 @@ from typing import Any
 from moesaic.checkpoint.archs.base import Arch, ArchError
 from moesaic.checkpoint.archs.deepseek import DeepseekV2, DeepseekV3
 from moesaic.checkpoint.archs.dense import Llama, Mistral, Qwen2, Qwen3
+from moesaic.checkpoint.archs.glm import Dots1, Glm4Moe
 from moesaic.checkpoint.archs.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from moesaic.config import ModelConfig
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV3(),
-                                              DeepseekV2(), Llama(), Mistral(), Qwen2(), Qwen3())}
+                                              DeepseekV2(), Glm4Moe(), Dots1(), Llama(), Mistral(), Qwen2(),
+                                              Qwen3())}
 BY_MODEL_TYPE: dict[str, Arch] = {a.model_type: a for a in ARCHS.values()}
 
 # Known architectures moesaic does not run, and the feature that blocks each.
@@ -26,10 +28,11 @@ UNSUPPORTED: dict[str, str] = {
     "Llama4ForCausalLM": "chunked attention and interleaved MoE with a different expert layout are not mapped",
 }
 
-# Export preference: the most specific architecture first.
+# Export preference: the most specific architecture first. Sigmoid routing goes to DeepSeek-V3 with MLA,
+# else to GLM-4-MoE (GQA); dots1 (a subset of GLM-4-MoE's features) is only written when asked for by name.
 EXPORT_ORDER = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
-                "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
-                "Qwen3ForCausalLM")
+                "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM", "LlamaForCausalLM",
+                "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def supported() -> list[str]:

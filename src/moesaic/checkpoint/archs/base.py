@@ -88,22 +88,28 @@ class HFConfig:
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
-def rope_from_hf(h: HFConfig, max_pos: int) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
+def rope_from_hf(h: HFConfig, max_pos: int, partial_rotary: bool = False) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`.
+
+    `partial_rotary`: the architecture rotates only the first `partial_rotary_factor` of each head (kept in
+    rope_scaling, as transformers keeps it in rope_parameters); elsewhere a factor < 1 is refused."""
     params = dict(h.d.get("rope_parameters") or h.d.get("rope_scaling") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         raise h.fail("per-layer-type RoPE parameters are not supported")
     theta = float(params.get("rope_theta") or h.get("rope_theta") or
                   (h.defaults.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", h.d.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise h.fail(f"partial_rotary_factor={partial} is not supported (moesaic rotates the whole head)")
+    partial = params.get("partial_rotary_factor", h.get("partial_rotary_factor"))  # GLM defaults to 0.5
+    partial = {} if partial in (None, 1, 1.0) else {"partial_rotary_factor": float(partial)}
+    if partial and not partial_rotary:
+        raise h.fail(f"partial_rotary_factor={partial['partial_rotary_factor']} is not supported (this "
+                     "architecture's transformers implementation rotates the whole head)")
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind == "default":
-        return theta, None
+        return theta, ({"rope_type": "default", **partial} if partial else None)
     if kind not in SUPPORTED_ROPE:
         raise h.fail(f"rope type {kind!r} is not supported; supported: {SUPPORTED_ROPE}")
-    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type") and v is not None}
+    drop = ("rope_theta", "type", "partial_rotary_factor")
+    scaling = {k: v for k, v in params.items() if k not in drop and v is not None} | partial
     scaling["rope_type"] = kind
     if kind in ("llama3", "yarn"):
         scaling.setdefault("original_max_position_embeddings",
@@ -115,6 +121,10 @@ def rope_from_hf(h: HFConfig, max_pos: int) -> tuple[float, dict[str, Any] | Non
     return theta, scaling
 
 
+def partial_rotary_factor(cfg: ModelConfig) -> float:
+    return float((cfg.rope_scaling or {}).get("partial_rotary_factor") or 1.0)
+
+
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     params: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling:
@@ -123,7 +133,7 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return params
 
 
-def trunk_fields(h: HFConfig) -> dict[str, Any]:
+def trunk_fields(h: HFConfig, partial_rotary: bool = False) -> dict[str, Any]:
     """ModelConfig fields every decoder shares (vocab, widths, heads, norms, RoPE, tying)."""
     act = h.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -136,7 +146,7 @@ def trunk_fields(h: HFConfig) -> dict[str, Any]:
     if isinstance(window, int) and 0 < window < max_pos:
         # Sliding-window attention equals full attention up to the window: cap the usable length there.
         max_pos = window
-    theta, scaling = rope_from_hf(h, int(h.get("max_position_embeddings", 4096)))
+    theta, scaling = rope_from_hf(h, int(h.get("max_position_embeddings", 4096)), partial_rotary)
     return dict(
         vocab_size=int(h.require("vocab_size")), d_model=int(h.require("hidden_size")),
         n_layers=int(h.require("num_hidden_layers")), n_heads=n_heads,
@@ -277,8 +287,10 @@ def no_o_bias(h: HFConfig) -> None:
                      "q/k/v biases only (qkv_bias)")
 
 
-def gqa_blockers(cfg: ModelConfig, qkv_bias: bool, qk_norm: str) -> list[str]:
+def gqa_blockers(cfg: ModelConfig, qkv_bias: bool, qk_norm: str, partial_rotary: bool = False) -> list[str]:
     out = []
+    if partial_rotary_factor(cfg) != 1.0 and not partial_rotary:
+        out.append(f"partial_rotary_factor={partial_rotary_factor(cfg)} (rotates the whole head)")
     if cfg.attention != "gqa":
         out.append(f"attention={cfg.attention!r} (needs 'gqa')")
     if cfg.qkv_bias != qkv_bias:
