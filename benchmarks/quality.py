@@ -62,7 +62,7 @@ from pathlib import Path
 BENCH_PRESETS = {
     "h200": dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512, ffn=2048,
                  num_experts=128, top_k=6, expert_ffn=256, num_shared_experts=1, shared_ffn=512,
-                 router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
+                 router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-2,
                  routed_scaling_factor=2.5),
 }
 MOE_FIELDS = ("num_experts", "top_k", "expert_ffn", "num_shared_experts", "shared_ffn", "router", "aux_loss_coef",

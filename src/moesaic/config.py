@@ -241,7 +241,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # expert; sigmoid router with loss-free balancing (no aux loss), weights normalised then x2.5.
     "small": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
                   ffn=1024, num_experts=16, top_k=2, expert_ffn=256, num_shared_experts=1,
-                  router="sigmoid_topk", bias_update_rate=1e-3, routed_scaling_factor=2.5),
+                  router="sigmoid_topk", bias_update_rate=1e-2, routed_scaling_factor=2.5),
     # Coarse Mixtral-style shape that fits a CPU for decode benchmarks.
     "mixtral-mini": dict(vocab_size=8192, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=1024,
                          ffn=2048, num_experts=8, top_k=2, expert_ffn=1024),
