@@ -91,7 +91,8 @@ def test_partial_rope_matches_transformers():
     """model/rope.py's partial rotary (first R of D dims, rotate_half) against GLM-4-MoE's reference code."""
     from transformers.models.glm4_moe import modeling_glm4_moe as ref
 
-    from moesaic.model.rope import RotaryEmbedding, apply_rope, rotary_dim
+    from moesaic.config import rotary_dim
+    from moesaic.model.rope import RotaryEmbedding, apply_rope
 
     d = {k: v for k, v in GLM.items() if k != "partial_rotary_factor"}
     _, cfg = hf_to_config({"architectures": ["Glm4MoeForCausalLM"], **d})

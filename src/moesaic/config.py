@@ -112,10 +112,15 @@ class ModelConfig:
         _check(self.attention in ATTENTIONS, "attention", f"one of {ATTENTIONS}", self.attention)
         _check(self.qk_norm in QK_NORMS, "qk_norm", f"one of {QK_NORMS}", self.qk_norm)
         _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", "None or > 0", self.clip_qkv)
+        partial = float((self.rope_scaling or {}).get("partial_rotary_factor") or 1.0)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _check(getattr(self, name) >= 1, name, "an integer >= 1 when attention='mla'",
                        getattr(self, name))
+            _check(partial == 1.0, "rope_scaling", "without partial_rotary_factor when attention='mla' (MLA "
+                   "rotates its qk_rope_head_dim part only)", self.rope_scaling)
+        else:
+            rotary_dim(self.head_dim, self.rope_scaling)  # a factor giving an odd or empty rotary part fails here
         _check(self.num_experts >= 0, "num_experts", "an integer >= 0 (0 = dense model)", self.num_experts)
         if self.num_experts > 0:
             self._validate_moe()
@@ -258,6 +263,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_experts=8, top_k=1, expert_ffn=1024, router="switch", capacity_factor=1.25,
                         normalize_topk=False, router_jitter=0.01),
 }
+
+
+def rotary_dim(head_dim: int, scaling: dict[str, Any] | None) -> int:
+    """Dims of a head that RoPE rotates: head_dim x `partial_rotary_factor` of the HF-style dict (default 1)."""
+    factor = float((scaling or {}).get("partial_rotary_factor") or 1.0)
+    r = int(head_dim * factor)
+    if not 0 < factor <= 1 or r < 2 or r % 2:
+        raise ValueError(f"rope_scaling partial_rotary_factor={factor} gives {r} rotary dims of head_dim={head_dim}; "
+                         "needs a factor in (0, 1] giving an even number >= 2")
+    return r
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moesaic.config import ModelConfig
+from moesaic.config import ModelConfig, rotary_dim
 from moesaic.model.norm import RMSNorm
-from moesaic.model.rope import RotaryEmbedding, apply_rope, rotary_dim
+from moesaic.model.rope import RotaryEmbedding, apply_rope
 
 
 def rope_tables(rope_module, positions_BT: torch.Tensor, dtype: torch.dtype,

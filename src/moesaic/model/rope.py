@@ -88,16 +88,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], dim=-1)
 
 
-def rotary_dim(head_dim: int, scaling: dict[str, Any] | None) -> int:
-    """Dims of a head that RoPE rotates: head_dim x `partial_rotary_factor` of the HF-style dict (default 1)."""
-    factor = float((scaling or {}).get("partial_rotary_factor") or 1.0)
-    r = int(head_dim * factor)
-    if not 0 < factor <= 1 or r < 2 or r % 2:
-        raise ValueError(f"rope_scaling partial_rotary_factor={factor} gives {r} rotary dims of head_dim={head_dim}; "
-                         "needs a factor in (0, 1] giving an even number >= 2")
-    return r
-
-
 def apply_rope(x_BHTD: torch.Tensor, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by the tables [B, T, R]: all of it (R = D), or its first R dims (partial rotary)."""
     cos, sin = cos_BTR[:, None], sin_BTR[:, None]

@@ -5,7 +5,7 @@ HF layer i (`a` = model.layers.i.self_attn):
   a.{q,k,v,o}_proj (+ q/k/v biases: GLM `attention_bias`)  -> blocks.i.attn.{wq,wk,wv,wo}
   a.q_norm, a.k_norm (per-head RMSNorm: GLM `use_qk_norm`, always in dots1) -> blocks.i.attn.q_norm, k_norm
 GLM rotates the first `partial_rotary_factor` of each head (default 0.5 when config.json omits it), kept in
-ModelConfig.rope_scaling as transformers keeps it in rope_parameters (model/rope.py: rotary_dim, apply_rope).
+ModelConfig.rope_scaling as transformers keeps it in rope_parameters (config.py: rotary_dim; model/rope.py: apply_rope).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from moesaic.checkpoint.archs.base import (
     trunk_to_hf,
 )
 from moesaic.checkpoint.archs.deepseek_moe import DeepseekMoE
-from moesaic.config import ModelConfig
-from moesaic.model.rope import rotary_dim
+from moesaic.config import ModelConfig, rotary_dim
 
 
 class Glm4Moe(DeepseekMoE):
