@@ -134,3 +134,34 @@ def test_available_backends_lists_builtin():
     names = kernels.available_backends()
     assert "reference" in names and "sorted" in names
     assert kernels.get_backend("auto", torch.randn(2, 8), torch.randn(2, 6, 8)).name in names
+
+
+def test_autocast_computes_experts_in_the_autocast_dtype_with_fp32_grads(monkeypatch):
+    """Mixed-precision training: fp32 activations and parameters under torch.autocast reach the backend in
+    the autocast dtype (as F.linear does), so "auto" can pick a bf16-only backend; grads stay fp32."""
+    gen = torch.Generator().manual_seed(3)
+    h, w13, w2, ids, w = _inputs(33, 16, 8, 8, 2, gen=gen, requires_grad=True)
+    seen = []
+
+    def bf16_only(hidden, a, b, i, wt):
+        seen.append((hidden.dtype, a.dtype, b.dtype))
+        return kernels.moe_experts(hidden, a, b, i, wt, backend="reference")
+
+    monkeypatch.setattr(kernels, "_BACKENDS", dict(kernels._BACKENDS))  # restored after the test
+    monkeypatch.setattr(kernels, "_AVAILABLE", None)
+    kernels.register(kernels.Backend("bf16only", bf16_only, supports=lambda x, a: x.dtype == torch.bfloat16,
+                                     priority=99))
+    ref = kernels.moe_experts(h, w13, w2, ids, w, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.moe_experts(h, w13, w2, ids, w)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16)]  # "auto" chose the bf16 backend
+    assert out.dtype == torch.bfloat16
+    _close(out.float(), ref, rtol=2e-2)
+    g = torch.randn_like(ref)
+    gr = torch.autograd.grad(ref, (h, w13, w2), g)
+    go = torch.autograd.grad(out.float(), (h, w13, w2), g)
+    for a, b in zip(go, gr):
+        assert a.dtype == torch.float32
+        _close(a, b, rtol=3e-2)
+    out = kernels.moe_experts(h, w13, w2, ids, w)  # outside autocast nothing is cast
+    assert out.dtype == torch.float32 and len(seen) == 1

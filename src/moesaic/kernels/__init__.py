@@ -113,10 +113,27 @@ def moe_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, exper
         weights: [T, K] combine weights.
         backend: a name from `available_backends()` or "auto".
     Returns:
-        [T, D] in hidden's dtype.
+        [T, D] in hidden's dtype (under torch.autocast: in the autocast dtype, like F.linear).
     """
     _check_inputs(hidden, w13, w2, expert_ids, weights)
+    hidden, w13, w2 = _autocast(hidden, w13, w2)
     return get_backend(backend, hidden, w13).fn(hidden, w13, w2, expert_ids, weights)
+
+
+def _autocast(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+    """Under torch.autocast, compute the experts in the autocast dtype, as autocast does for F.linear:
+    float32 activations and weights are cast (differentiably, so fp32 parameters get fp32 grads).
+    Without this, bf16 mixed-precision training hands fp32 tensors to the backends and "auto" can only
+    pick the slow ones (the Triton kernels take bf16/fp16)."""
+    dev = hidden.device.type
+    if not (hidden.is_floating_point() and torch.is_autocast_enabled(dev)):
+        return hidden, w13, w2
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+
+    return cast(hidden), cast(w13), cast(w2)
 
 
 def _register_builtin() -> None:
