@@ -1,0 +1,211 @@
+"""CUDA graphs for the engine's T = 1 decode step: one graph per (batch bucket, key bucket, top_k).
+
+Shape legend: B rows of one decode forward (a bucket: 1, 2, 4, 8, ..., max_batch), n real rows (n <= B),
+S key positions attended (a bucket: 128, 256, ... up to the slot length M), V vocabulary.
+
+Why: at decode the GPU needs ~2 ms per step for a Mixtral-shaped model, while launching the step's
+few hundred kernels from Python costs more than that on the host. A CUDA graph replays them all
+with one launch. Capture needs fixed shapes, fixed addresses and no host syncs, so the step runs
+over static buffers instead of the engine's per-step `SlotView`:
+  inputs [3, B] int64: token id, slot, valid (1 for a real row, 0 for padding) of each row;
+  positions come from the cache's lengths on the device; attention reads keys [0, S) of each row's
+  slot through a mask (key <= own position), S a bucket above the longest row;
+  padding rows route to no expert (token_mask), do not advance any length, and write their keys at
+  position M - 1 of slots no real row uses: a position no running request has committed (a request
+  finishes when its slot is full), so it is overwritten before anything reads it.
+The MoE layers must be on a capturable backend (triton: its grids are sized from T*K upper bounds,
+and dropped pairs exit early); `sorted` / `reference` read counts on the host, so the engine decodes
+eagerly then (`unsupported_reason`). With `capture=False` the same static-shape forward runs
+eagerly: the CPU tests check it against the engine's eager decode.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from moesaic.inference.cache import SlotCache
+
+MIN_KEYS = 128
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below max_batch, then max_batch."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def keys_bucket(needed: int, max_len: int) -> int:
+    """The smallest power of two >= max(needed, MIN_KEYS), capped at the slot length."""
+    s = MIN_KEYS
+    while s < needed:
+        s *= 2
+    return min(s, max_len)
+
+
+def unsupported_reason(model, cache: SlotCache) -> str | None:
+    """Why the decode step cannot be captured in a CUDA graph (None: it can)."""
+    from moesaic import kernels
+
+    if not cache.k.is_cuda:
+        return "the model is not on a CUDA device"
+    for m in model.moe_layers():
+        if getattr(m.router, "capacity_factor", None) is not None:
+            return "capacity-factor routing counts dropped tokens on the host"
+        w13 = m.experts.w13
+        probe = torch.empty(1, w13.shape[-1], dtype=model.embed.weight.dtype, device=cache.k.device)
+        name = kernels.get_backend(m.backend, probe, w13).name
+        if name != "triton":
+            return f"MoE backend {name!r} has data-dependent shapes (only 'triton' is capturable)"
+    return None
+
+
+class StaticDecodeView:
+    """The model's KV-cache protocol for one padded T = 1 forward over static buffers (see module doc)."""
+
+    def __init__(self, cache: SlotCache, batch: int, keys: int) -> None:
+        dev = cache.lengths.device
+        self.cache, self.batch, self.keys = cache, batch, keys
+        self.inputs = torch.zeros(3, batch, dtype=torch.long, device=dev)  # ids, slots, valid
+        self._key_pos = torch.arange(keys, device=dev)
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _info(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions [B, 1], flat write rows [B] of the [N*M] view, mask [B, 1, 1, S]), once per forward."""
+        if self._step is None:
+            slots, valid = self.inputs[1], self.inputs[2] > 0
+            m = self.cache.max_len
+            pos = torch.where(valid, self.cache.lengths.index_select(0, slots), m - 1)[:, None]
+            mask = (self._key_pos[None, None, :] <= pos[:, :, None])[:, None]
+            self._step = (pos, slots * m + pos[:, 0], mask)
+        return self._step
+
+    def positions(self, t: int) -> torch.Tensor:
+        if t != 1:
+            raise ValueError(f"StaticDecodeView serves one new token per row, got T={t}")
+        return self._info()[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, 1, D] at each row's position; return keys/values [B, H, S, D] and the mask."""
+        _, flat, mask = self._info()
+        slots = self.inputs[1]
+        out = []
+        for buf, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):  # buf [N, M, H, D]
+            b, h = new.shape[0], buf.shape[2]
+            buf.view(-1, *buf.shape[2:]).index_copy_(0, flat, new.reshape(b, h, -1).to(buf.dtype))
+            out.append(buf[:, :self.keys].index_select(0, slots).transpose(1, 2))
+        return out[0], out[1], mask
+
+    def advance(self, t: int) -> None:
+        self.cache.lengths.index_add_(0, self.inputs[1], self.inputs[2])
+        self._step = None
+
+
+class _Entry:
+    def __init__(self, view: StaticDecodeView, run, host: torch.Tensor) -> None:
+        self.view, self.run, self.host = view, run, host
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """Runs the engine's decode forwards from captured CUDA graphs (or, capture=False, the same
+    static-shape forward eagerly). `decode(...)` -> logits [n, V] (a view of a static buffer:
+    valid until the next call)."""
+
+    def __init__(self, model, cache: SlotCache, *, capture: bool = True) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        self.buckets = batch_buckets(cache.n_slots)
+        self._entries: dict[tuple[int, int, int | None], _Entry] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self.stats = dict(captures=0, replays=0)
+        self.failed: str | None = None  # set when a capture failed: the engine then decodes eagerly
+
+    def decode(self, tokens: list[int], slots: list[int], positions: list[int], top_k: int | None
+               ) -> torch.Tensor | None:
+        """tokens/slots/positions: per real row, its last token, its slot and that token's position.
+        None when capturing failed (the caller decodes eagerly; the reason was printed once)."""
+        if self.failed is not None:
+            return None
+        n = len(tokens)
+        if not 1 <= n <= self.buckets[-1] or len(slots) != n or len(positions) != n:
+            raise ValueError(f"DecodeGraphs.decode: need 1..{self.buckets[-1]} rows with one slot and "
+                             f"position each, got {n}, {len(slots)}, {len(positions)}")
+        b = next(x for x in self.buckets if x >= n)
+        s = keys_bucket(max(positions) + 1, self.cache.max_len)
+        key = (b, s, top_k)
+        e = self._entries.get(key) or self._build(key)
+        if e is None:
+            return None
+        used = set(slots)
+        spare = [i for i in range(self.cache.n_slots) if i not in used][:b - n]
+        h = e.host
+        h.zero_()
+        h[0, :n] = torch.tensor(tokens)
+        h[1, :n] = torch.tensor(slots)
+        h[1, n:] = torch.tensor(spare, dtype=torch.long)
+        h[2, :n] = 1
+        e.view.inputs.copy_(h, non_blocking=True)
+        if e.graph is not None:
+            e.graph.replay()
+            self.stats["replays"] += 1
+            return e.logits[:n]
+        return e.run()[:n]
+
+    def _build(self, key: tuple[int, int, int | None]) -> _Entry | None:
+        b, s, top_k = key
+        view = StaticDecodeView(self.cache, b, s)
+        model = self.model
+
+        def run() -> torch.Tensor:
+            out = model.forward_aux(view.inputs[0][:, None], cache=view, token_mask=view.inputs[2][:, None] > 0,
+                                    top_k=top_k, last_only=True)
+            return out.logits[:, -1]
+
+        pin = self.capture and torch.cuda.is_available()
+        e = _Entry(view, run, torch.zeros(3, b, dtype=torch.long, pin_memory=pin))
+        if self.capture:
+            try:
+                self._capture(e)
+            except Exception as ex:  # any capture error: fall back to eager decoding, say why once
+                self.failed = f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"
+                print(f"moesaic: CUDA graph capture failed, decoding eagerly: {self.failed}", file=sys.stderr)
+                return None
+        self._entries[key] = e
+        return e
+
+    def _capture(self, e: _Entry) -> None:
+        """Warm up (compiles / tunes kernels) then capture, all on padding rows: they write only at
+        position M - 1 of slots 0..B-1 and advance nothing, so the cache's contents are unharmed."""
+        b = e.view.batch
+        e.view.inputs.zero_()
+        e.view.inputs[1] = torch.arange(b, device=e.view.inputs.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                e.run()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            e.logits = e.run()
+        e.graph = g
+        self.stats["captures"] += 1
+
+
+def make_decode_graphs(model, cache: SlotCache, option: bool | None) -> DecodeGraphs | None:
+    """The engine's hook: DecodeGraphs when `option` is True, or None and the step is capturable;
+    otherwise None, with a one-line reason on stderr when graphs were asked for or the model is on CUDA."""
+    if option is False:
+        return None
+    reason = unsupported_reason(model, cache)
+    if reason is None:
+        return DecodeGraphs(model, cache)
+    if option is True or cache.k.is_cuda:
+        print(f"moesaic: CUDA graphs off, decoding eagerly: {reason}", file=sys.stderr)
+    return None

@@ -1,0 +1,156 @@
+"""The engine's static-shape decode step (inference/graphs.py) against its eager decode.
+
+On CPU the static forward runs eagerly (capture=False): padded batch buckets, key buckets, slots
+not packed, padding rows writing to spare slots, experts_per_token groups, deterministic mode.
+On CUDA (marked gpu) the captured graphs are replayed and compared with the eager engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moesaic import ModelConfig, build_model
+from moesaic.inference import Engine, SamplingParams
+from moesaic.inference import graphs as gr
+
+VOCAB = 97
+
+
+def tiny_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, **{"max_seq_len": 64, **overrides})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # sharper logits: greedy choices far from ties
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _record(eng: Engine) -> list[torch.Tensor]:
+    """Every logits block the engine samples from, in order (prefill and decode)."""
+    seen: list[torch.Tensor] = []
+    sample = eng._sample
+
+    def spy(reqs, logits):
+        seen.append(logits.float().cpu().clone())
+        return sample(reqs, logits)
+
+    eng._sample = spy
+    return seen
+
+
+def _drive(eng: Engine, prompts, params) -> list[list[int]]:
+    """Two requests now, one after two steps, the rest queue for slots (joins, leaves, repacking)."""
+    reqs = [eng.submit(p, sp) for p, sp in zip(prompts[:2], params[:2])]
+    eng.step()
+    eng.step()
+    reqs += [eng.submit(p, sp) for p, sp in zip(prompts[2:], params[2:])]
+    while eng.has_unfinished():
+        eng.step()
+    return [r.output_ids for r in reqs]
+
+
+def _pair(model, **kw) -> tuple[Engine, Engine]:
+    eager = Engine(copy.deepcopy(model), onednn=False, **kw)
+    static = Engine(copy.deepcopy(model), onednn=False, **kw)
+    assert eager.decode_graphs is None and static.decode_graphs is None  # CPU: no graphs by default
+    static.decode_graphs = gr.DecodeGraphs(static.model, static.cache, capture=False)
+    return eager, static
+
+
+@pytest.mark.parametrize("backend,deterministic", [("reference", False), ("sorted", False), ("sorted", True)])
+def test_static_decode_equals_eager_decode(backend, deterministic):
+    model = tiny_model()
+    eager, static = _pair(model, max_batch=5, backend=backend, deterministic=deterministic)
+    prompts = prompts_of([5, 11, 2, 17, 8, 3, 6])
+    params = [SamplingParams(max_tokens=n, temperature=0, experts_per_token=k)
+              for n, k in zip([9, 4, 12, 6, 7, 10, 5], [None, None, 1, None, 1, None, None])]
+    seen_e, seen_s = _record(eager), _record(static)
+    out_e = _drive(eager, prompts, params)
+    out_s = _drive(static, prompts, params)
+    assert out_s == out_e
+    assert len(seen_s) == len(seen_e)
+    for a, b in zip(seen_s, seen_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert int(static.cache.lengths.sum()) == 0  # every slot freed, padding advanced nothing
+    if not deterministic:  # 3 and 5 running rows ran padded to buckets 4 and 5
+        assert any(k[0] == 4 for k in static.decode_graphs._entries)
+
+
+def test_static_decode_crosses_key_buckets():
+    """Prompts near 128 positions: the key bucket grows from 128 to 256 mid-generation."""
+    model = tiny_model(max_seq_len=300)
+    eager, static = _pair(model, max_batch=2, backend="sorted")
+    prompts = prompts_of([120, 30], seed=4)
+    params = [SamplingParams(max_tokens=14, temperature=0)] * 2
+    seen_e, seen_s = _record(eager), _record(static)
+    assert _drive(static, prompts, params) == _drive(eager, prompts, params)
+    for a, b in zip(seen_s, seen_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert {k[1] for k in static.decode_graphs._entries} == {128, 256}
+
+
+def test_buckets_and_fallback_reason(capsys):
+    assert gr.batch_buckets(1) == [1] and gr.batch_buckets(8) == [1, 2, 4, 8]
+    assert gr.batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert gr.keys_bucket(1, 4096) == 128 and gr.keys_bucket(129, 4096) == 256 and gr.keys_bucket(300, 200) == 200
+    model = tiny_model()
+    eng = Engine(model, max_batch=2, onednn=False)
+    assert gr.unsupported_reason(eng.model, eng.cache) == "the model is not on a CUDA device"
+    assert gr.make_decode_graphs(eng.model, eng.cache, True) is None
+    assert "CUDA graphs off" in capsys.readouterr().err
+    assert gr.make_decode_graphs(eng.model, eng.cache, None) is None
+    assert capsys.readouterr().err == ""  # CPU with graphs not asked for: silent
+    with pytest.raises(ValueError, match="rows"):
+        gr.DecodeGraphs(eng.model, eng.cache, capture=False).decode([1, 2, 3], [0, 1, 2], [4, 4, 4], None)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _cuda_model(dtype=torch.bfloat16):
+    model = tiny_model(max_seq_len=256, d_model=128, expert_ffn=256)
+    return model.to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_replay_equals_eager_on_cuda(dtype, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MOESAIC_TRITON_AUTOTUNE", "0")
+    model = _cuda_model(dtype)
+    graph = Engine(copy.deepcopy(model), max_batch=5, backend="triton")
+    assert graph.decode_graphs is not None, "triton on CUDA must be capturable"
+    eager = Engine(copy.deepcopy(model), max_batch=5, backend="triton", cuda_graphs=False)
+    static = Engine(copy.deepcopy(model), max_batch=5, backend="triton", cuda_graphs=False)
+    static.decode_graphs = gr.DecodeGraphs(static.model, static.cache, capture=False)
+    prompts = prompts_of([5, 11, 2, 17, 8, 3, 6])
+    params = [SamplingParams(max_tokens=n, temperature=0, experts_per_token=k)
+              for n, k in zip([9, 4, 12, 6, 7, 10, 5], [None, None, 1, None, 1, None, None])]
+    seen = [_record(e) for e in (graph, static, eager)]
+    outs = [_drive(e, prompts, params) for e in (graph, static, eager)]
+    assert graph.decode_graphs.stats["replays"] > 0 and graph.decode_graphs.failed is None
+    assert outs[0] == outs[1]  # replay == the same static forward run eagerly: same kernels
+    for a, b in zip(seen[0], seen[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+    assert outs[0] == outs[2]  # == the engine's eager decode (sharp logits: no near-ties)
+    for a, b in zip(seen[0], seen[2]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+    assert int(graph.cache.lengths.sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_falls_back_eagerly_for_sorted_on_cuda(capsys):
+    model = _cuda_model()
+    eng = Engine(model, max_batch=2, backend="sorted")
+    assert eng.decode_graphs is None
+    assert "data-dependent" in capsys.readouterr().err
+    out = eng.generate([prompts_of([4])[0]], SamplingParams(max_tokens=3, temperature=0))
+    assert len(out[0].token_ids) == 3
