@@ -1,0 +1,313 @@
+"""GPU decode: moesaic's Engine (CUDA graphs on / off) vs transformers `generate` on a Mixtral-shaped model.
+
+Question (issues 4 and 6): is the engine's batch-1 decode on a Mixtral-shaped model that fits one
+GPU >= 3x transformers' `generate` with its fastest experts implementation?
+
+Model: the real Mixtral-8x7B dimensions (D 4096, 32 heads / 8 kv heads of 128, 8 experts of
+F 14336, top-2, vocab 32000, rope theta 1e6) with fewer layers (--layers, default 8: 11.6 B
+parameters, 23 GB in bf16) so that building it and running both systems fits a few minutes; every
+per-layer cost scales with the layer count, only the LM head does not. Random weights, bf16, built
+directly on the GPU. transformers' MixtralForCausalLM is built on the meta device and given the very
+same tensors (moesaic's export key map, fused experts: no copy), and its logits are checked against
+moesaic's first.
+
+Systems, greedy, same prompts (--prompt-len random tokens), --new-tokens decoded:
+  hf <impl>        transformers `generate` with each experts implementation it offers (eager,
+                   grouped_mm, batched_mm); step = time between consecutive logits (a logits
+                   processor synchronizes and stamps the clock), median over the steps after 2
+  moesaic graphs   Engine(backend="triton", cuda_graphs=True): each decode step one graph replay
+  moesaic eager    Engine(backend="triton", cuda_graphs=False)
+Each system runs once untimed (compiles, tunes, captures), then timed.
+
+Floor = bytes one decode step must read (the unique experts the batch's tokens chose in each layer,
+counted in an untimed eager pass, + attention, norms, routers and the LM head; not the embedding
+table and not the KV cache) / copy bandwidth measured in this run (a 1 GiB device copy, read +
+written bytes); efficiency = floor / step time.
+
+    python benchmarks/decode_gpu.py --out results/decode_gpu.json          # H200: ~2-3 min
+    python benchmarks/decode_gpu.py --device cpu --quick                   # tiny smoke run on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moesaic import ModelConfig, build_model
+from moesaic.inference import Engine, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import ExpertCounter, weight_bytes  # noqa: E402
+
+MIXTRAL = dict(vocab_size=32000, d_model=4096, n_heads=32, n_kv_heads=8, ffn=14336, num_experts=8, top_k=2,
+               expert_ffn=14336, rope_theta=1e6, norm_eps=1e-5, max_seq_len=4096)
+QUICK = dict(vocab_size=512, d_model=128, n_heads=4, n_kv_heads=2, ffn=256, num_experts=8, top_k=2,
+             expert_ffn=256, max_seq_len=512)
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev: str) -> float:
+    """Bytes read + written per second by a large device copy (best of 10)."""
+    n = (1 << 30) if dev == "cuda" else (1 << 26)
+    src = torch.ones(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        sync(dev)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n / best
+
+
+def build(args) -> torch.nn.Module:
+    shape = QUICK if args.quick else MIXTRAL
+    cfg = ModelConfig(**shape, n_layers=args.layers)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)  # built directly in the target dtype, on the target device
+    try:
+        with torch.device(args.device):
+            model = build_model(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def hf_twin(model):
+    """transformers' MixtralForCausalLM holding the very same tensors (meta init, then assign)."""
+    import transformers
+
+    from moesaic.checkpoint.archs import for_export
+    from moesaic.checkpoint.archs.base import Cat, Copy, Experts
+    from moesaic.checkpoint.export import hf_config_dict
+
+    cfg = model.config
+    arch = for_export(cfg, "MixtralForCausalLM")
+    d = hf_config_dict(model, arch, model.embed.weight.dtype)
+    hcfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    state = model.state_dict()
+    sd: dict[str, torch.Tensor] = {}
+    for e in arch.entries(cfg, {"model.layers.0.mlp.gate.weight"}):  # names of transformers 5 (fused experts)
+        if isinstance(e, Copy):
+            sd[e.key] = state[e.ours]
+        elif isinstance(e, Cat):
+            sd.update(zip(e.keys, state[e.ours].chunk(len(e.keys), 0), strict=True))
+        elif isinstance(e, Experts):
+            sd[e.fused] = state[e.ours]
+    with torch.device("meta"):
+        hf = transformers.MixtralForCausalLM(hcfg)
+    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"transformers Mixtral names differ: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    dev = model.embed.weight.device
+    for name, mod in hf.named_modules():  # rotary tables: non-persistent buffers, rebuilt on the device
+        if name.endswith("rotary_emb"):
+            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
+            with torch.device(dev):
+                setattr(parent, name.rsplit(".", 1)[-1], type(mod)(config=hcfg))
+    meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"transformers twin left on the meta device: {meta[:4]}")
+    return hf.eval()
+
+
+def set_impl(hf, impl: str) -> None:
+    if hasattr(hf, "set_experts_implementation"):
+        hf.set_experts_implementation(impl)
+    else:
+        hf.config._experts_implementation = impl
+
+
+@torch.inference_mode()
+def parity(model, hf, vocab: int, dev: str) -> float:
+    ids = torch.randint(0, vocab, (1, 16), device=dev, generator=torch.Generator(dev).manual_seed(5))
+    ours = model(ids).float()
+    theirs = hf(ids).logits.float()
+    return float((ours - theirs).abs().max() / ours.abs().max())
+
+
+def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
+
+
+def run_hf(hf, batch: int, args, vocab: int) -> float:
+    """Median seconds per decode step of transformers' generate."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    dev = args.device
+
+    class Stamp(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync(dev)
+            self.times.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompts(batch, args.prompt_len, vocab), device=dev)
+    gaps: list[float] = []
+    for new in (4, args.new_tokens):  # warm-up, then timed
+        stamp = Stamp()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new + 1, min_new_tokens=new + 1,
+                        do_sample=False, pad_token_id=0, eos_token_id=None,
+                        logits_processor=LogitsProcessorList([stamp]))
+        gaps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
+    return statistics.median(gaps[2:] if len(gaps) > 4 else gaps)
+
+
+def run_engine(model, batch: int, args, graphs: bool) -> tuple[float, dict]:
+    """Median seconds per decode step of the Engine (all rows decoding), and graph stats."""
+    eng = Engine(model, max_batch=batch, max_len=args.prompt_len + args.new_tokens + 2, backend=args.backend,
+                 cuda_graphs=graphs)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    steps: list[float] = []
+    for _ in range(2):  # warm-up (compiles, tunes, captures every bucket), then timed
+        for p in prompts(batch, args.prompt_len, model.config.vocab_size):
+            eng.submit(p, params)
+        eng.step()  # admit + prefill
+        steps = []
+        while eng.has_unfinished():
+            t = time.perf_counter()
+            eng.step()  # ends in a device->host copy of the logits: the step is done
+            steps.append(time.perf_counter() - t)
+    st = dict(eng.decode_graphs.stats) if eng.decode_graphs is not None else {}
+    if graphs and (eng.decode_graphs is None or eng.decode_graphs.failed):
+        st["failed"] = "not capturable" if eng.decode_graphs is None else eng.decode_graphs.failed
+    del eng
+    gc.collect()
+    return statistics.median(steps[:-1] if len(steps) > 2 else steps), st  # last step also releases
+
+
+def unique_experts(model, batch: int, args) -> float:
+    """Unique experts per decode step summed over layers (an untimed eager pass with hooks)."""
+    eng = Engine(model, max_batch=batch, max_len=args.prompt_len + 18, backend=args.backend, cuda_graphs=False)
+    for p in prompts(batch, args.prompt_len, model.config.vocab_size):
+        eng.submit(p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    eng.step()
+    counter = ExpertCounter(model)
+    while eng.has_unfinished():
+        eng.step()
+        counter.end_step()
+    counter.close()
+    return statistics.mean(counter.per_step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-impls", nargs="*", default=list(HF_IMPLS))
+    ap.add_argument("--quick", action="store_true", help="tiny shape (2 layers, D 128): a smoke run")
+    ap.add_argument("--out", default="benchmarks/results/decode_gpu.json")
+    args = ap.parse_args(argv)
+    dev = args.device
+    args.dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    args.backend = "triton" if dev == "cuda" else None
+    if args.quick:
+        args.layers, args.new_tokens, args.prompt_len = 2, 8, 8
+    t0 = time.time()
+    bw = copy_bandwidth(dev)
+    model = build(args)
+    pc = model.count_params()
+    import transformers
+
+    env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, transformers=transformers.__version__, copy_bandwidth_GBps=bw / 1e9,
+               layers=args.layers, params=pc.total_with_embeddings, active_params=pc.active_with_embeddings)
+    print(f"# {env['device']}: torch {env['torch']}, transformers {env['transformers']}, copy {bw / 1e12:.2f} TB/s; "
+          f"{'tiny' if args.quick else 'Mixtral-8x7B'}-shaped model with {args.layers} layers "
+          f"({pc.total_with_embeddings / 1e9:.2f} B params, {pc.active_with_embeddings / 1e9:.2f} B active), "
+          f"{str(args.dtype)[6:]}, built in {time.time() - t0:.0f} s; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens", flush=True)
+    rows: list[dict] = []
+    dbytes = torch.finfo(args.dtype).bits // 8
+    uniq = {b: unique_experts(model, b, args) for b in args.batches}
+    hf = None
+    try:
+        hf = hf_twin(model)
+        env["hf_max_rel_logit_diff"] = parity(model, hf, model.config.vocab_size, dev)
+        print(f"# transformers twin shares the weights; max |logit diff| / max |logit| = "
+              f"{env['hf_max_rel_logit_diff']:.1e}", flush=True)
+    except Exception as exc:  # report and still time moesaic
+        print(f"# transformers twin unavailable: {exc!r}"[:300], flush=True)
+
+    def add(system: str, mode: str, b: int, sec: float, extra: dict | None = None) -> None:
+        floor = weight_bytes(model, uniq[b], dbytes) / bw
+        rows.append(dict(system=system, mode=mode, batch=b, step_ms=sec * 1e3, tokens_per_s=b / sec,
+                         floor_ms=floor * 1e3, efficiency=floor / sec, unique_experts_per_step=uniq[b],
+                         **(extra or {})))
+        print(f"{system:8s} {mode:11s} B={b:<2d} {b / sec:8.1f} tok/s  step {sec * 1e3:7.2f} ms  "
+              f"floor {floor * 1e3:6.2f} ms  eff {floor / sec:.2f}  {extra or ''}", flush=True)
+
+    for b in args.batches:
+        for graphs in ((True, False) if dev == "cuda" else (False,)):
+            sec, st = run_engine(model, b, args, graphs)
+            add("moesaic", "graphs" if graphs else "eager", b, sec, st)
+        if hf is None:
+            continue
+        for impl in args.hf_impls:
+            try:
+                set_impl(hf, impl)
+                add("hf", impl, b, run_hf(hf, b, args, model.config.vocab_size))
+            except Exception as exc:  # e.g. batched_mm out of memory: record, go on
+                print(f"hf {impl} B={b}: {exc!r}"[:200], flush=True)
+                rows.append(dict(system="hf", mode=impl, batch=b, error=repr(exc)[:200]))
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+    summary = summarize(rows, args.batches)
+    print("\n| system | mode | B | tok/s | step ms | floor ms | efficiency |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['system']} | {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+                  f"{r['floor_ms']:.2f} | {r['efficiency']:.2f} |")
+    for line in summary["lines"]:
+        print(f"# {line}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    a = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()}
+    tmp.write_text(json.dumps(dict(env=env, args=a, rows=rows, summary=summary), indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"# wrote {out} ({time.time() - t0:.0f} s in all)")
+
+
+def summarize(rows: list[dict], batches: list[int]) -> dict:
+    """Per batch: moesaic's best mode over transformers' fastest experts implementation."""
+    out: dict = {"lines": []}
+    for b in batches:
+        ok = [r for r in rows if r["batch"] == b and "error" not in r]
+        ours = max((r for r in ok if r["system"] == "moesaic"), key=lambda r: r["tokens_per_s"], default=None)
+        best = max((r for r in ok if r["system"] == "hf"), key=lambda r: r["tokens_per_s"], default=None)
+        if ours is None or best is None:
+            continue
+        x = ours["tokens_per_s"] / best["tokens_per_s"]
+        out[f"B{b}_speedup_vs_hf_best"] = x
+        out["lines"].append(f"B={b}: moesaic {ours['mode']} {ours['tokens_per_s']:.1f} tok/s vs transformers "
+                            f"{best['mode']} {best['tokens_per_s']:.1f} tok/s: {x:.2f}x (target >= 3x at B=1)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
