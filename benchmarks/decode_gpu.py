@@ -40,10 +40,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# the decode shapes' launch configs ship with the package (configs/NVIDIA_H200.json); tuning the untimed
+# prefill shapes on first use would take tens of seconds, so misses use the heuristic unless asked
+os.environ.setdefault("MOESAIC_TRITON_AUTOTUNE", "0")
 
-from moesaic import ModelConfig, build_model
-from moesaic.inference import Engine, SamplingParams
+import torch  # noqa: E402
+
+from moesaic import ModelConfig, build_model  # noqa: E402
+from moesaic.inference import Engine, SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import ExpertCounter, weight_bytes  # noqa: E402

@@ -8,6 +8,7 @@ On CUDA (marked gpu) the captured graphs are replayed and compared with the eage
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -95,6 +96,34 @@ def test_static_decode_crosses_key_buckets():
     for a, b in zip(seen_s, seen_e):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert {k[1] for k in static.decode_graphs._entries} == {128, 256}
+
+
+def test_static_decode_with_triton_kernels_under_the_interpreter():
+    """The Triton decode kernels on padded rows (dropped pairs) inside the static forward, bf16."""
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA run is test_graph_replay_equals_eager_on_cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 before Triton loads (the triton tests set it)")
+    pytest.importorskip("triton")
+    from moesaic import kernels
+    from moesaic.kernels.triton import moe_experts_triton
+    from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
+
+    cfg = MoEConfig("decode", 1, GemmConfig(16, 32), GemmConfig(16, 64))
+    kernels.register(kernels.Backend("triton-interp", lambda *a: moe_experts_triton(*a, config=cfg)))
+    try:
+        model = tiny_model().to(torch.bfloat16)
+        eager, static = _pair(model, max_batch=4, backend="triton-interp")
+        prompts = prompts_of([5, 3, 7])
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in (6, 7, 4)]
+        seen_e, seen_s = _record(eager), _record(static)
+        assert _drive(static, prompts, params) == _drive(eager, prompts, params)
+        for a, b in zip(seen_s, seen_e):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * float(b.abs().max()))
+        assert any(k[0] == 4 for k in static.decode_graphs._entries)  # 3 rows padded to 4
+    finally:
+        kernels._BACKENDS.pop("triton-interp", None)
+        kernels._AVAILABLE = None
 
 
 def test_buckets_and_fallback_reason(capsys):

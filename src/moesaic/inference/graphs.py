@@ -58,7 +58,10 @@ def unsupported_reason(model, cache: SlotCache) -> str | None:
             return "capacity-factor routing counts dropped tokens on the host"
         w13 = m.experts.w13
         probe = torch.empty(1, w13.shape[-1], dtype=model.embed.weight.dtype, device=cache.k.device)
-        name = kernels.get_backend(m.backend, probe, w13).name
+        try:
+            name = kernels.get_backend(m.backend, probe, w13).name
+        except ValueError as exc:
+            return str(exc)
         if name != "triton":
             return f"MoE backend {name!r} has data-dependent shapes (only 'triton' is capturable)"
     return None
