@@ -28,7 +28,7 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout (capped by what is l
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc ($( ((rc == 124 || rc == 137)) && echo 'TIMED OUT' || echo done)) in $(( $(date +%s) - t0 ))s"
-  grep -E "passed|failed|error|^\| |^# (B=|model step|geomean|min_speed|train|transformers|NVIDIA|wrote)|tok/s" \
+  grep -iE "passed|failed|error|skipped|^\| |^# (B=|model step|geomean|min_speed|train|transformers|NVIDIA|wrote)|tok/s" \
     "$OUT/$name.log" | tail -n 60
   (( rc != 0 )) && tail -n 12 "$OUT/$name.log"
   return 0
@@ -40,9 +40,9 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout (capped by what is l
   $PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/env.log"
 
-part a_pytest_gpu 110 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs.py tests/test_triton.py
+part a_pytest_gpu 110 $PY -m pytest -m gpu -v -p no:cacheprovider tests/test_graphs.py tests/test_triton.py
 part b_decode_gpu 180 $PY benchmarks/decode_gpu.py --device cuda --layers 8 --batches 1 8 --out "$OUT/decode_gpu_h200.json"
-part c_moe_layer 190 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 40 --json "$OUT/moe_layer_h200.json"
+part c_moe_layer 190 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 30 --json "$OUT/moe_layer_h200.json"
 part d_train_model 90 $PY benchmarks/moe_layer.py --train-model --rep-ms 50 --json "$OUT/train_model_h200.json"
 echo "== session done in $(( $(date +%s) - START ))s; files:"
 ls -la "$OUT"

@@ -81,6 +81,7 @@ def test_static_decode_equals_eager_decode(backend, deterministic):
     for a, b in zip(seen_s, seen_e):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert int(static.cache.lengths.sum()) == 0  # every slot freed, padding advanced nothing
+    assert {k[3] for k in static.decode_graphs._entries} == {True, False}  # slices and gathers of slots
     if not deterministic:  # 3 and 5 running rows ran padded to buckets 4 and 5
         assert any(k[0] == 4 for k in static.decode_graphs._entries)
 

@@ -9,7 +9,8 @@ with one launch. Capture needs fixed shapes, fixed addresses and no host syncs, 
 over static buffers instead of the engine's per-step `SlotView`:
   inputs [3, B] int64: token id, slot, valid (1 for a real row, 0 for padding) of each row;
   positions come from the cache's lengths on the device; attention reads keys [0, S) of each row's
-  slot through a mask (key <= own position), S a bucket above the longest row;
+  slot through a mask (key <= own position), S a bucket above the longest row (a plain slice when the
+  rows are slots 0..B-1, as the scheduler keeps them packed; else a gather: a graph of its own);
   padding rows route to no expert (token_mask), do not advance any length, and write their keys at
   position M - 1 of slots no real row uses: a position no running request has committed (a request
   finishes when its slot is full), so it is overwritten before anything reads it.
@@ -70,9 +71,9 @@ def unsupported_reason(model, cache: SlotCache) -> str | None:
 class StaticDecodeView:
     """The model's KV-cache protocol for one padded T = 1 forward over static buffers (see module doc)."""
 
-    def __init__(self, cache: SlotCache, batch: int, keys: int) -> None:
+    def __init__(self, cache: SlotCache, batch: int, keys: int, packed: bool = False) -> None:
         dev = cache.lengths.device
-        self.cache, self.batch, self.keys = cache, batch, keys
+        self.cache, self.batch, self.keys, self.packed = cache, batch, keys, packed
         self.inputs = torch.zeros(3, batch, dtype=torch.long, device=dev)  # ids, slots, valid
         self._key_pos = torch.arange(keys, device=dev)
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -101,7 +102,8 @@ class StaticDecodeView:
         for buf, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):  # buf [N, M, H, D]
             b, h = new.shape[0], buf.shape[2]
             buf.view(-1, *buf.shape[2:]).index_copy_(0, flat, new.reshape(b, h, -1).to(buf.dtype))
-            out.append(buf[:, :self.keys].index_select(0, slots).transpose(1, 2))
+            rows = buf[:b, :self.keys] if self.packed else buf[:, :self.keys].index_select(0, slots)
+            out.append(rows.transpose(1, 2))
         return out[0], out[1], mask
 
     def advance(self, t: int) -> None:
@@ -124,7 +126,7 @@ class DecodeGraphs:
     def __init__(self, model, cache: SlotCache, *, capture: bool = True) -> None:
         self.model, self.cache, self.capture = model, cache, capture
         self.buckets = batch_buckets(cache.n_slots)
-        self._entries: dict[tuple[int, int, int | None], _Entry] = {}
+        self._entries: dict[tuple[int, int, int | None, bool], _Entry] = {}  # (B, S, top_k, packed)
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.stats = dict(captures=0, replays=0)
         self.failed: str | None = None  # set when a capture failed: the engine then decodes eagerly
@@ -141,12 +143,13 @@ class DecodeGraphs:
                              f"position each, got {n}, {len(slots)}, {len(positions)}")
         b = next(x for x in self.buckets if x >= n)
         s = keys_bucket(max(positions) + 1, self.cache.max_len)
-        key = (b, s, top_k)
+        used = set(slots)
+        spare = [i for i in range(self.cache.n_slots) if i not in used][:b - n]
+        packed = slots + spare == list(range(b))  # the scheduler keeps slots packed: keys are a plain slice
+        key = (b, s, top_k, packed)
         e = self._entries.get(key) or self._build(key)
         if e is None:
             return None
-        used = set(slots)
-        spare = [i for i in range(self.cache.n_slots) if i not in used][:b - n]
         h = e.host
         h.zero_()
         h[0, :n] = torch.tensor(tokens)
@@ -160,9 +163,9 @@ class DecodeGraphs:
             return e.logits[:n]
         return e.run()[:n]
 
-    def _build(self, key: tuple[int, int, int | None]) -> _Entry | None:
-        b, s, top_k = key
-        view = StaticDecodeView(self.cache, b, s)
+    def _build(self, key: tuple[int, int, int | None, bool]) -> _Entry | None:
+        b, s, top_k, packed = key
+        view = StaticDecodeView(self.cache, b, s, packed)
         model = self.model
 
         def run() -> torch.Tensor:
