@@ -128,6 +128,8 @@ def hf_twin(model):
     meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
     if meta:
         raise RuntimeError(f"transformers twin left on the meta device: {meta[:4]}")
+    if hasattr(hf, "set_attn_implementation"):
+        hf.set_attn_implementation("sdpa")  # what from_pretrained picks on a GPU
     return hf.eval()
 
 
@@ -252,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         hf = hf_twin(model)
         env["hf_max_rel_logit_diff"] = parity(model, hf, model.config.vocab_size, dev)
-        print(f"# transformers twin shares the weights; max |logit diff| / max |logit| = "
-              f"{env['hf_max_rel_logit_diff']:.1e}", flush=True)
+        env["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
+        print(f"# transformers twin shares the weights (attention {env['hf_attn_implementation']}); "
+              f"max |logit diff| / max |logit| = {env['hf_max_rel_logit_diff']:.1e}", flush=True)
     except Exception as exc:  # report and still time moesaic
         print(f"# transformers twin unavailable: {exc!r}"[:300], flush=True)
 
