@@ -203,6 +203,51 @@ def run_engine(model, batch: int, args, graphs: bool) -> tuple[float, dict]:
     return statistics.median(steps[:-1] if len(steps) > 2 else steps), st  # last step also releases
 
 
+def gpu_breakdown(model, batch: int, args) -> dict:
+    """GPU time of one decode step (a graph replay, timed with CUDA events) and of the MoE experts in it
+    (one layer's `moe_experts` replayed from a graph, times the layers), in ms."""
+    import triton.testing
+
+    from moesaic import kernels
+    from moesaic.kernels.triton.autotune import random_problem
+
+    eng = Engine(model, max_batch=batch, max_len=args.prompt_len + 10, backend=args.backend, cuda_graphs=True)
+    eng.generate(prompts(batch, args.prompt_len, model.config.vocab_size),
+                 SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    got = eng.decode_graphs.captured(batch, min(128, eng.cache.max_len))
+    if got is None:
+        return {}
+    graph, inputs = got
+    lengths = eng.cache.lengths
+    inputs[0].random_(0, model.config.vocab_size)
+    inputs[1].copy_(torch.arange(batch))
+    inputs[2].fill_(1)
+
+    def step():  # real rows at position 0 of slots 0..B-1 (lengths reset: replays never fill the slots)
+        lengths.zero_()
+        graph.replay()
+
+    out = {"graph_replay_ms": triton.testing.do_bench(step, warmup=20, rep=200, return_mode="median")}
+    lengths.zero_()
+    del eng
+    cfg, layer = model.config, model.moe_layers()[0]
+    x, _, _, ids, w = random_problem(batch, cfg.d_model, cfg.expert_ffn, cfg.num_experts, cfg.top_k, args.dtype,
+                                     torch.device("cuda"), seed=batch)
+    w13, w2 = layer.experts.w13, layer.experts.w2
+
+    def moe():
+        return kernels.moe_experts(x, w13, w2, ids, w, backend="triton")
+
+    moe()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        moe()
+    out["moe_ms"] = triton.testing.do_bench(g.replay, warmup=20, rep=200, return_mode="median") * len(
+        model.moe_layers())
+    out["rest_ms"] = out["graph_replay_ms"] - out["moe_ms"]
+    return out
+
+
 def unique_experts(model, batch: int, args) -> float:
     """Unique experts per decode step summed over layers (an untimed eager pass with hooks)."""
     eng = Engine(model, max_batch=batch, max_len=args.prompt_len + 18, backend=args.backend, cuda_graphs=False)
@@ -265,12 +310,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(dict(system=system, mode=mode, batch=b, step_ms=sec * 1e3, tokens_per_s=b / sec,
                          floor_ms=floor * 1e3, efficiency=floor / sec, unique_experts_per_step=uniq[b],
                          **(extra or {})))
+        more = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in (extra or {}).items()}
         print(f"{system:8s} {mode:11s} B={b:<2d} {b / sec:8.1f} tok/s  step {sec * 1e3:7.2f} ms  "
-              f"floor {floor * 1e3:6.2f} ms  eff {floor / sec:.2f}  {extra or ''}", flush=True)
+              f"floor {floor * 1e3:6.2f} ms  eff {floor / sec:.2f}  {more or ''}", flush=True)
 
     for b in args.batches:
         for graphs in ((True, False) if dev == "cuda" else (False,)):
             sec, st = run_engine(model, b, args, graphs)
+            if graphs:
+                try:
+                    st.update(gpu_breakdown(model, b, args))
+                except Exception as exc:  # a breakdown that fails must not cost the table
+                    st["breakdown_error"] = repr(exc)[:200]
             add("moesaic", "graphs" if graphs else "eager", b, sec, st)
         if hf is None:
             continue
@@ -313,6 +364,12 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
         out[f"B{b}_speedup_vs_hf_best"] = x
         out["lines"].append(f"B={b}: moesaic {ours['mode']} {ours['tokens_per_s']:.1f} tok/s vs transformers "
                             f"{best['mode']} {best['tokens_per_s']:.1f} tok/s: {x:.2f}x (target >= 3x at B=1)")
+    for r in rows:
+        if "graph_replay_ms" in r:
+            out["lines"].append(
+                f"B={r['batch']} graphs: step {r['step_ms']:.2f} ms = GPU replay {r['graph_replay_ms']:.2f} ms "
+                f"(MoE experts {r['moe_ms']:.2f}, the rest {r['rest_ms']:.2f}) + host "
+                f"{r['step_ms'] - r['graph_replay_ms']:.2f} ms; floor {r['floor_ms']:.2f} ms")
     return out
 
 

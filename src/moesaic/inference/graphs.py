@@ -163,6 +163,13 @@ class DecodeGraphs:
             return e.logits[:n]
         return e.run()[:n]
 
+    def captured(self, batch: int, keys: int, top_k: int | None = None, packed: bool = True
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """(graph, its static inputs [3, B]: ids, slots, valid) of a bucket captured so far, for
+        benchmarks that time replays; None if that bucket was not captured."""
+        e = self._entries.get((batch, keys, top_k, packed))
+        return None if e is None or e.graph is None else (e.graph, e.view.inputs)
+
     def _build(self, key: tuple[int, int, int | None, bool]) -> _Entry | None:
         b, s, top_k, packed = key
         view = StaticDecodeView(self.cache, b, s, packed)
