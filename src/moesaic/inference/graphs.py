@@ -150,13 +150,9 @@ class DecodeGraphs:
         e = self._entries.get(key) or self._build(key)
         if e is None:
             return None
-        h = e.host
-        h.zero_()
-        h[0, :n] = torch.tensor(tokens)
-        h[1, :n] = torch.tensor(slots)
-        h[1, n:] = torch.tensor(spare, dtype=torch.long)
-        h[2, :n] = 1
-        e.view.inputs.copy_(h, non_blocking=True)
+        pad = [0] * (b - n)
+        e.host.view(-1).numpy()[:] = tokens + pad + slots + spare + [1] * n + pad  # ids | slots | valid
+        e.view.inputs.copy_(e.host, non_blocking=True)
         if e.graph is not None:
             e.graph.replay()
             self.stats["replays"] += 1
