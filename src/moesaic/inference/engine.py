@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from moesaic.inference.cache import SlotCache
+from moesaic.inference.graphs import make_decode_graphs
 from moesaic.inference.request import Completion, Request
 from moesaic.inference.sampler import SamplingParams, sample_row, token_logprobs
 from moesaic.inference.scheduler import Scheduler
@@ -98,9 +99,7 @@ class Engine(AsyncEngineMixin):
         self.cache = SlotCache.for_model(cfg, max_batch, max_len, dtype=cache_dtype, device=p.device)
         self.device = p.device
         self.scheduler = Scheduler(self.cache)
-        from moesaic.inference.graphs import make_decode_graphs  # GPU: CUDA-graph decode steps (or None)
-
-        self.decode_graphs = make_decode_graphs(self.model, self.cache, cuda_graphs)
+        self.decode_graphs = make_decode_graphs(self.model, self.cache, cuda_graphs)  # GPU (or None)
         self._ids = itertools.count()
         self._step_lock = threading.Lock()
         self._bg: threading.Thread | None = None
