@@ -4,6 +4,7 @@
 #   b) benchmarks/decode_gpu.py: Engine (CUDA graphs on/off) vs transformers generate, Mixtral-shaped
 #   c) benchmarks/moe_layer.py --train: the MoE layer grid (+ fwd/bwd vs sorted), shorter repeats
 #   d) benchmarks/moe_layer.py --train-model: whole-model training step, triton vs sorted
+#   e) decode_gpu.py on the full 32-layer Mixtral shape at batch 1, if the budget has time left
 # Each part runs under `timeout` inside a total budget (BUDGET_S, default 530 s); a failing part does
 # not stop the next. Autotuned launch configs of new shapes land in OUTDIR/cache/triton/.
 # Usage (repo root or anywhere): CUDA_VISIBLE_DEVICES=0 bash benchmarks/h200_session.sh OUTDIR
@@ -44,5 +45,8 @@ part a_pytest_gpu 110 $PY -m pytest -m gpu -v -p no:cacheprovider tests/test_gra
 part b_decode_gpu 180 $PY benchmarks/decode_gpu.py --device cuda --layers 8 --batches 1 8 --out "$OUT/decode_gpu_h200.json"
 part c_moe_layer 190 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 30 --json "$OUT/moe_layer_h200.json"
 part d_train_model 90 $PY benchmarks/moe_layer.py --train-model --rep-ms 50 --json "$OUT/train_model_h200.json"
+# e) if time is left: the full 32-layer Mixtral-8x7B shape (93 GB of bf16 weights, shared by both systems)
+part e_decode_gpu_32 120 $PY benchmarks/decode_gpu.py --device cuda --layers 32 --batches 1 \
+  --hf-impls grouped_mm batched_mm --out "$OUT/decode_gpu_h200_32layers.json"
 echo "== session done in $(( $(date +%s) - START ))s; files:"
 ls -la "$OUT"
