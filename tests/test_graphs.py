@@ -150,7 +150,7 @@ def _cuda_model(dtype=torch.bfloat16):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_graph_replay_equals_eager_on_cuda(dtype, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("MOESAIC_TRITON_AUTOTUNE", "0")
