@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -45,23 +44,16 @@ from pathlib import Path
 os.environ.setdefault("MOESAIC_TRITON_AUTOTUNE", "0")
 
 import torch  # noqa: E402
+from hf_twin import hf_twin, parity, run_hf, set_impl, sync  # noqa: E402  (benchmarks/, the script's folder)
 
 from moesaic import ModelConfig, build_model  # noqa: E402
 from moesaic.inference import Engine, SamplingParams  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from decode import ExpertCounter, weight_bytes  # noqa: E402
 
 MIXTRAL = dict(vocab_size=32000, d_model=4096, n_heads=32, n_kv_heads=8, ffn=14336, num_experts=8, top_k=2,
                expert_ffn=14336, rope_theta=1e6, norm_eps=1e-5, max_seq_len=4096)
 QUICK = dict(vocab_size=512, d_model=128, n_heads=4, n_kv_heads=2, ffn=256, num_experts=8, top_k=2,
              expert_ffn=256, max_seq_len=512)
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(dev: str) -> float:
@@ -97,91 +89,9 @@ def build(args) -> torch.nn.Module:
     return model
 
 
-def hf_twin(model):
-    """transformers' MixtralForCausalLM holding the very same tensors (meta init, then assign)."""
-    import transformers
-
-    from moesaic.checkpoint.archs import for_export
-    from moesaic.checkpoint.archs.base import Cat, Copy, Experts
-    from moesaic.checkpoint.export import hf_config_dict
-
-    cfg = model.config
-    arch = for_export(cfg, "MixtralForCausalLM")
-    d = hf_config_dict(model, arch, model.embed.weight.dtype)
-    hcfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
-    state = model.state_dict()
-    sd: dict[str, torch.Tensor] = {}
-    for e in arch.entries(cfg, {"model.layers.0.mlp.gate.weight"}):  # names of transformers 5 (fused experts)
-        if isinstance(e, Copy):
-            sd[e.key] = state[e.ours]
-        elif isinstance(e, Cat):
-            sd.update(zip(e.keys, state[e.ours].chunk(len(e.keys), 0), strict=True))
-        elif isinstance(e, Experts):
-            sd[e.fused] = state[e.ours]
-    with torch.device("meta"):
-        hf = transformers.MixtralForCausalLM(hcfg)
-    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"transformers Mixtral names differ: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    dev = model.embed.weight.device
-    for name, mod in hf.named_modules():  # rotary tables: non-persistent buffers, rebuilt on the device
-        if name.endswith("rotary_emb"):
-            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
-            with torch.device(dev):
-                setattr(parent, name.rsplit(".", 1)[-1], type(mod)(config=hcfg))
-    meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"transformers twin left on the meta device: {meta[:4]}")
-    if hasattr(hf, "set_attn_implementation"):
-        hf.set_attn_implementation("sdpa")  # what from_pretrained picks on a GPU
-    return hf.eval()
-
-
-def set_impl(hf, impl: str) -> None:
-    if hasattr(hf, "set_experts_implementation"):
-        hf.set_experts_implementation(impl)
-    else:
-        hf.config._experts_implementation = impl
-
-
-@torch.inference_mode()
-def parity(model, hf, vocab: int, dev: str) -> float:
-    ids = torch.randint(0, vocab, (1, 16), device=dev, generator=torch.Generator(dev).manual_seed(5))
-    ours = model(ids).float()
-    theirs = hf(ids).logits.float()
-    return float((ours - theirs).abs().max() / ours.abs().max())
-
-
 def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
-
-
-def run_hf(hf, batch: int, args, vocab: int) -> float:
-    """Median seconds per decode step of transformers' generate."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    dev = args.device
-
-    class Stamp(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            sync(dev)
-            self.times.append(time.perf_counter())
-            return scores
-
-    ids = torch.tensor(prompts(batch, args.prompt_len, vocab), device=dev)
-    gaps: list[float] = []
-    for new in (4, args.new_tokens):  # warm-up, then timed
-        stamp = Stamp()
-        with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new + 1, min_new_tokens=new + 1,
-                        do_sample=False, pad_token_id=0, eos_token_id=None,
-                        logits_processor=LogitsProcessorList([stamp]))
-        gaps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
-    return statistics.median(gaps[2:] if len(gaps) > 4 else gaps)
 
 
 def run_engine(model, batch: int, args, graphs: bool) -> tuple[float, dict]:
@@ -253,17 +163,37 @@ def gpu_breakdown(model, batch: int, args) -> dict:
 
 
 def unique_experts(model, batch: int, args) -> float:
-    """Unique experts per decode step summed over layers (an untimed eager pass with hooks)."""
+    """Unique experts per decode step summed over layers (an untimed eager pass; hooks read the routing)."""
     eng = Engine(model, max_batch=batch, max_len=args.prompt_len + 18, backend=args.backend, cuda_graphs=False)
     for p in prompts(batch, args.prompt_len, model.config.vocab_size):
         eng.submit(p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
-    eng.step()
-    counter = ExpertCounter(model)
+    eng.step()  # prefill: not counted
+    cur: list[int] = []
+
+    def hook(_mod, _args, out) -> None:
+        ids = out[1].expert_ids_TK
+        cur.append(int(torch.unique(ids[ids >= 0]).numel()))
+
+    hooks = [m.register_forward_hook(hook) for m in model.moe_layers()]
+    per_step = []
     while eng.has_unfinished():
         eng.step()
-        counter.end_step()
-    counter.close()
-    return statistics.mean(counter.per_step)
+        per_step.append(sum(cur))
+        cur.clear()
+    for h in hooks:
+        h.remove()
+    return statistics.mean(per_step)
+
+
+def step_bytes(model, unique: float, nbytes: int) -> float:
+    """Weight bytes one decode step reads: every parameter but the embedding table (unless tied to the
+    LM head) and the routed experts, plus the `unique` experts chosen."""
+    routed = [m.experts for m in model.moe_layers()]
+    skip = {id(p) for e in routed for p in (e.w13, e.w2)}
+    if not model.config.tie_embeddings:
+        skip.add(id(model.embed.weight))
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return (rest + unique * (routed[0].params_per_expert if routed else 0)) * nbytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# transformers twin unavailable: {exc!r}"[:300], flush=True)
 
     def add(system: str, mode: str, b: int, sec: float, extra: dict | None = None) -> None:
-        floor = weight_bytes(model, uniq[b], dbytes) / bw
+        floor = step_bytes(model, uniq[b], dbytes) / bw
         rows.append(dict(system=system, mode=mode, batch=b, step_ms=sec * 1e3, tokens_per_s=b / sec,
                          floor_ms=floor * 1e3, efficiency=floor / sec, unique_experts_per_step=uniq[b],
                          **(extra or {})))
@@ -332,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         for impl in args.hf_impls:
             try:
                 set_impl(hf, impl)
-                add("hf", impl, b, run_hf(hf, b, args, model.config.vocab_size))
+                ids = torch.tensor(prompts(b, args.prompt_len, model.config.vocab_size), device=dev)
+                add("hf", impl, b, run_hf(hf, ids, args.new_tokens))
             except Exception as exc:  # e.g. batched_mm out of memory: record, go on
                 print(f"hf {impl} B={b}: {exc!r}"[:200], flush=True)
                 rows.append(dict(system="hf", mode=impl, batch=b, error=repr(exc)[:200]))
