@@ -30,7 +30,7 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout (capped by what is l
   local rc=$?
   echo "== $name: rc=$rc ($( ((rc == 124 || rc == 137)) && echo 'TIMED OUT' || echo done)) in $(( $(date +%s) - t0 ))s"
   grep -iE "passed|failed|error|skipped|^\| |^# (B=|model step|geomean|min_speed|train|transformers|NVIDIA|wrote)|tok/s" \
-    "$OUT/$name.log" | tail -n 60
+    "$OUT/$name.log" | tail -n 30
   (( rc != 0 )) && tail -n 12 "$OUT/$name.log"
   return 0
 }
