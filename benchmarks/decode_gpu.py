@@ -94,10 +94,12 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
 
 
-def run_engine(model, batch: int, args, graphs: bool) -> tuple[float, dict]:
-    """Median seconds per decode step of the Engine (all rows decoding), and graph stats."""
+def run_engine(model, batch: int, args, mode: str) -> tuple[float, dict]:
+    """Median seconds per decode step of the Engine (all rows decoding) in mode "eager", "graphs" or
+    "graphs+compile", and notes (graph stats; for graphs, the GPU time of one replay)."""
+    os.environ["MOESAIC_DECODE_COMPILE"] = "1" if mode == "graphs+compile" else "0"
     eng = Engine(model, max_batch=batch, max_len=args.prompt_len + args.new_tokens + 2, backend=args.backend,
-                 cuda_graphs=graphs)
+                 cuda_graphs=mode != "eager")
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     steps: list[float] = []
     for _ in range(2):  # warm-up (compiles, tunes, captures every bucket), then timed
@@ -109,43 +111,58 @@ def run_engine(model, batch: int, args, graphs: bool) -> tuple[float, dict]:
             t = time.perf_counter()
             eng.step()  # ends in a device->host copy of the logits: the step is done
             steps.append(time.perf_counter() - t)
-    st = dict(eng.decode_graphs.stats) if eng.decode_graphs is not None else {}
-    if graphs and (eng.decode_graphs is None or eng.decode_graphs.failed):
-        st["failed"] = "not capturable" if eng.decode_graphs is None else eng.decode_graphs.failed
-    del eng
+    notes: dict = {}
+    dg = eng.decode_graphs
+    if mode != "eager":
+        notes = dict(dg.stats, compiled=dg.compile) if dg is not None else {}
+        if dg is None or dg.failed:
+            notes["failed"] = "not capturable" if dg is None else dg.failed
+        else:
+            try:
+                notes["graph_replay_ms"] = replay_ms(eng, batch, args.prompt_len + args.new_tokens - 1)
+            except Exception as exc:  # a breakdown that fails must not cost the table
+                notes["breakdown_error"] = repr(exc)[:200]
+    del eng, dg
     gc.collect()
-    return statistics.median(steps[:-1] if len(steps) > 2 else steps), st  # last step also releases
+    os.environ["MOESAIC_DECODE_COMPILE"] = "0"
+    return statistics.median(steps[:-1] if len(steps) > 2 else steps), notes  # last step also releases
 
 
-def gpu_breakdown(model, batch: int, args) -> dict:
-    """GPU time of one decode step (a graph replay, timed with CUDA events) and of the MoE experts in it
-    (one layer's `moe_experts` replayed from a graph, times the layers), in ms."""
+def replay_ms(eng: Engine, batch: int, keys: int) -> float:
+    """GPU time of one decode step: the last bucket's graph replayed (CUDA events, do_bench median) with
+    real rows at position 0 of slots 0..B-1 (lengths reset before each replay: slots never fill)."""
+    import triton.testing
+
+    from moesaic.inference.graphs import keys_bucket
+
+    got = eng.decode_graphs.captured(batch, keys_bucket(keys, eng.cache.max_len))  # the last bucket used
+    if got is None:
+        raise RuntimeError("the last key bucket was not captured")
+    graph, inputs = got
+    lengths = eng.cache.lengths
+    inputs[0].random_(0, eng.vocab)
+    inputs[1].copy_(torch.arange(batch))
+    inputs[2].fill_(1)
+
+    def step():
+        lengths.zero_()
+        graph.replay()
+
+    ms = triton.testing.do_bench(step, warmup=20, rep=200, return_mode="median")
+    lengths.zero_()
+    return ms
+
+
+def moe_ms(model, batch: int, args) -> float:
+    """GPU time of the step's MoE experts: one layer's Triton forward on `batch` tokens (softmax routing)
+    replayed from a CUDA graph (do_bench median), times the MoE layers."""
     import triton.testing
 
     from moesaic import kernels
     from moesaic.kernels.triton.autotune import random_problem
 
-    eng = Engine(model, max_batch=batch, max_len=args.prompt_len + 10, backend=args.backend, cuda_graphs=True)
-    eng.generate(prompts(batch, args.prompt_len, model.config.vocab_size),
-                 SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    got = eng.decode_graphs.captured(batch, min(128, eng.cache.max_len))
-    if got is None:
-        return {}
-    graph, inputs = got
-    lengths = eng.cache.lengths
-    inputs[0].random_(0, model.config.vocab_size)
-    inputs[1].copy_(torch.arange(batch))
-    inputs[2].fill_(1)
-
-    def step():  # real rows at position 0 of slots 0..B-1 (lengths reset: replays never fill the slots)
-        lengths.zero_()
-        graph.replay()
-
-    out = {"graph_replay_ms": triton.testing.do_bench(step, warmup=20, rep=200, return_mode="median")}
-    lengths.zero_()
-    del eng
     cfg, layer = model.config, model.moe_layers()[0]
-    x, _, _, ids, w = random_problem(batch, cfg.d_model, cfg.expert_ffn, cfg.num_experts, cfg.top_k, args.dtype,
+    x, _, _, ids, w = random_problem(batch, cfg.d_model, 8, cfg.num_experts, cfg.top_k, args.dtype,
                                      torch.device("cuda"), seed=batch)
     w13, w2 = layer.experts.w13, layer.experts.w2
 
@@ -156,10 +173,7 @@ def gpu_breakdown(model, batch: int, args) -> dict:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         moe()
-    out["moe_ms"] = triton.testing.do_bench(g.replay, warmup=20, rep=200, return_mode="median") * len(
-        model.moe_layers())
-    out["rest_ms"] = out["graph_replay_ms"] - out["moe_ms"]
-    return out
+    return triton.testing.do_bench(g.replay, warmup=20, rep=200, return_mode="median") * len(model.moe_layers())
 
 
 def unique_experts(model, batch: int, args) -> float:
@@ -204,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--hf-impls", nargs="*", default=list(HF_IMPLS))
+    ap.add_argument("--compile-batches", type=int, nargs="*", default=[1],
+                    help="also time the Engine with its graphed step torch.compiled first (last; slow to build)")
     ap.add_argument("--quick", action="store_true", help="tiny shape (2 layers, D 128): a smoke run")
     ap.add_argument("--out", default="benchmarks/results/decode_gpu.json")
     args = ap.parse_args(argv)
@@ -249,17 +265,13 @@ def main(argv: list[str] | None = None) -> None:
               f"floor {floor * 1e3:6.2f} ms  eff {floor / sec:.2f}  {more or ''}", flush=True)
 
     for b in args.batches:
-        for graphs in ((True, False) if dev == "cuda" else (False,)):
-            sec, st = run_engine(model, b, args, graphs)
-            if graphs:
-                try:
-                    st.update(gpu_breakdown(model, b, args))
-                except Exception as exc:  # a breakdown that fails must not cost the table
-                    st["breakdown_error"] = repr(exc)[:200]
-            add("moesaic", "graphs" if graphs else "eager", b, sec, st)
-        if hf is None:
-            continue
-        for impl in args.hf_impls:
+        for mode in (("graphs", "eager") if dev == "cuda" else ("eager",)):
+            sec, notes = run_engine(model, b, args, mode)
+            if "graph_replay_ms" in notes:
+                notes["moe_ms"] = moe_ms(model, b, args)
+            add("moesaic", mode, b, sec, notes)
+            save(args, env, rows)
+        for impl in args.hf_impls if hf is not None else ():
             try:
                 set_impl(hf, impl)
                 ids = torch.tensor(prompts(b, args.prompt_len, model.config.vocab_size), device=dev)
@@ -269,6 +281,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(dict(system="hf", mode=impl, batch=b, error=repr(exc)[:200]))
                 if dev == "cuda":
                     torch.cuda.empty_cache()
+            save(args, env, rows)
+    for b in args.compile_batches if dev == "cuda" else ():  # last: compiling takes a while, may fail
+        sec, notes = run_engine(model, b, args, "graphs+compile")
+        if "graph_replay_ms" in notes:
+            notes["moe_ms"] = moe_ms(model, b, args)
+        add("moesaic", "graphs+compile", b, sec, notes)
+        save(args, env, rows)
     summary = summarize(rows, args.batches)
     print("\n| system | mode | B | tok/s | step ms | floor ms | efficiency |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -277,13 +296,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['floor_ms']:.2f} | {r['efficiency']:.2f} |")
     for line in summary["lines"]:
         print(f"# {line}")
+    save(args, env, rows, summary)
+    print(f"# wrote {args.out} ({time.time() - t0:.0f} s in all)")
+
+
+def save(args, env: dict, rows: list[dict], summary: dict | None = None) -> None:
+    """JSON after every row (a run cut short by its time limit keeps what it measured)."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     a = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()}
     tmp.write_text(json.dumps(dict(env=env, args=a, rows=rows, summary=summary), indent=1) + "\n")
     os.replace(tmp, out)
-    print(f"# wrote {out} ({time.time() - t0:.0f} s in all)")
 
 
 def summarize(rows: list[dict], batches: list[int]) -> dict:
@@ -300,10 +324,10 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
         out["lines"].append(f"B={b}: moesaic {ours['mode']} {ours['tokens_per_s']:.1f} tok/s vs transformers "
                             f"{best['mode']} {best['tokens_per_s']:.1f} tok/s: {x:.2f}x (target >= 3x at B=1)")
     for r in rows:
-        if "graph_replay_ms" in r:
+        if "graph_replay_ms" in r and "moe_ms" in r:
             out["lines"].append(
-                f"B={r['batch']} graphs: step {r['step_ms']:.2f} ms = GPU replay {r['graph_replay_ms']:.2f} ms "
-                f"(MoE experts {r['moe_ms']:.2f}, the rest {r['rest_ms']:.2f}) + host "
+                f"B={r['batch']} {r['mode']}: step {r['step_ms']:.2f} ms = GPU replay {r['graph_replay_ms']:.2f} ms "
+                f"(MoE experts {r['moe_ms']:.2f}, the rest {r['graph_replay_ms'] - r['moe_ms']:.2f}) + host "
                 f"{r['step_ms'] - r['graph_replay_ms']:.2f} ms; floor {r['floor_ms']:.2f} ms")
     return out
 

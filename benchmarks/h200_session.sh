@@ -42,8 +42,8 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout (capped by what is l
 } 2>&1 | tee "$OUT/env.log"
 
 part a_pytest_gpu 110 $PY -m pytest -o addopts= -m gpu -v --tb=short -p no:cacheprovider tests/test_graphs.py tests/test_triton.py
-part b_decode_gpu 180 $PY benchmarks/decode_gpu.py --device cuda --layers 8 --batches 1 8 --out "$OUT/decode_gpu_h200.json"
-part c_moe_layer 190 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 30 --json "$OUT/moe_layer_h200.json"
+part b_decode_gpu 240 $PY benchmarks/decode_gpu.py --device cuda --layers 8 --batches 1 8 --out "$OUT/decode_gpu_h200.json"
+part c_moe_layer 170 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 30 --json "$OUT/moe_layer_h200.json"
 part d_train_model 90 $PY benchmarks/moe_layer.py --train-model --rep-ms 50 --json "$OUT/train_model_h200.json"
 # e) if time is left: the full 32-layer Mixtral-8x7B shape (93 GB of bf16 weights, shared by both systems)
 part e_decode_gpu_32 120 $PY benchmarks/decode_gpu.py --device cuda --layers 32 --batches 1 \

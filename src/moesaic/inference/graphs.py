@@ -22,6 +22,7 @@ eagerly: the CPU tests check it against the engine's eager decode.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -123,8 +124,10 @@ class DecodeGraphs:
     static-shape forward eagerly). `decode(...)` -> logits [n, V] (a view of a static buffer:
     valid until the next call)."""
 
-    def __init__(self, model, cache: SlotCache, *, capture: bool = True) -> None:
+    def __init__(self, model, cache: SlotCache, *, capture: bool = True, compile: bool | None = None) -> None:
         self.model, self.cache, self.capture = model, cache, capture
+        # opt-in: torch.compile the step first (fuses the small ops between the matmuls); MoE stays opaque
+        self.compile = os.environ.get("MOESAIC_DECODE_COMPILE", "0") == "1" if compile is None else compile
         self.buckets = batch_buckets(cache.n_slots)
         self._entries: dict[tuple[int, int, int | None, bool], _Entry] = {}  # (B, S, top_k, packed)
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -178,6 +181,8 @@ class DecodeGraphs:
 
         pin = self.capture and torch.cuda.is_available()
         e = _Entry(view, run, torch.zeros(3, b, dtype=torch.long, pin_memory=pin))
+        if self.compile:
+            self._compile(e)
         if self.capture:
             try:
                 self._capture(e)
@@ -188,12 +193,33 @@ class DecodeGraphs:
         self._entries[key] = e
         return e
 
-    def _capture(self, e: _Entry) -> None:
-        """Warm up (compiles / tunes kernels) then capture, all on padding rows: they write only at
-        position M - 1 of slots 0..B-1 and advance nothing, so the cache's contents are unharmed."""
-        b = e.view.batch
+    @staticmethod
+    def _padding_inputs(e: _Entry) -> None:
+        """All rows padding: they write only at position M - 1 of slots 0..B-1 and advance nothing, so
+        warm-up runs leave the cache's contents unharmed."""
         e.view.inputs.zero_()
-        e.view.inputs[1] = torch.arange(b, device=e.view.inputs.device)
+        e.view.inputs[1] = torch.arange(e.view.batch, device=e.view.inputs.device)
+
+    def _compile(self, e: _Entry) -> None:
+        """torch.compile the entry's forward (first call on padding rows); on failure keep it eager, say why."""
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one compile per bucket, same code object
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        compiled = torch.compile(e.run, dynamic=False)
+        try:
+            self._padding_inputs(e)
+            compiled()
+            e.run = compiled
+        except Exception as ex:  # the uncompiled step still runs (and is captured)
+            self.compile = False
+            print(f"moesaic: torch.compile of the decode step failed, not compiling: {type(ex).__name__}: "
+                  f"{str(ex).splitlines()[0] if str(ex) else ''}", file=sys.stderr)
+
+    def _capture(self, e: _Entry) -> None:
+        """Warm up (compiles / tunes kernels) then capture, all on padding rows (`_padding_inputs`)."""
+        self._padding_inputs(e)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
