@@ -47,6 +47,6 @@ part c_moe_layer 170 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 
 part d_train_model 90 $PY benchmarks/moe_layer.py --train-model --rep-ms 50 --json "$OUT/train_model_h200.json"
 # e) if time is left: the full 32-layer Mixtral-8x7B shape (93 GB of bf16 weights, shared by both systems)
 part e_decode_gpu_32 120 $PY benchmarks/decode_gpu.py --device cuda --layers 32 --batches 1 \
-  --hf-impls grouped_mm batched_mm --out "$OUT/decode_gpu_h200_32layers.json"
+  --hf-impls grouped_mm batched_mm --compile-batches --out "$OUT/decode_gpu_h200_32layers.json"
 echo "== session done in $(( $(date +%s) - START ))s; files:"
 ls -la "$OUT"
