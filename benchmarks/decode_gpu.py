@@ -94,17 +94,16 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for _ in range(batch)]
 
 
-def run_engine(model, batch: int, args, mode: str) -> tuple[float, dict]:
+def run_engine(model, batch: int, args, mode: str) -> tuple[float, dict, list[list[int]]]:
     """Median seconds per decode step of the Engine (all rows decoding) in mode "eager", "graphs" or
-    "graphs+compile", and notes (graph stats; for graphs, the GPU time of one replay)."""
+    "graphs+compile", notes (graph stats; for graphs, the GPU time of one replay) and the tokens."""
     os.environ["MOESAIC_DECODE_COMPILE"] = "1" if mode == "graphs+compile" else "0"
     eng = Engine(model, max_batch=batch, max_len=args.prompt_len + args.new_tokens + 2, backend=args.backend,
                  cuda_graphs=mode != "eager")
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     steps: list[float] = []
     for _ in range(2):  # warm-up (compiles, tunes, captures every bucket), then timed
-        for p in prompts(batch, args.prompt_len, model.config.vocab_size):
-            eng.submit(p, params)
+        reqs = [eng.submit(p, params) for p in prompts(batch, args.prompt_len, model.config.vocab_size)]
         eng.step()  # admit + prefill
         steps = []
         while eng.has_unfinished():
@@ -125,7 +124,16 @@ def run_engine(model, batch: int, args, mode: str) -> tuple[float, dict]:
     del eng, dg
     gc.collect()
     os.environ["MOESAIC_DECODE_COMPILE"] = "0"
-    return statistics.median(steps[:-1] if len(steps) > 2 else steps), notes  # last step also releases
+    sec = statistics.median(steps[:-1] if len(steps) > 2 else steps)  # the last step also releases
+    return sec, notes, [r.output_ids for r in reqs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of tokens generated before the first difference, over the requests (1.0: identical)."""
+    same = 0
+    for x, y in zip(a, b):
+        same += next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+    return same / max(1, sum(len(x) for x in b))
 
 
 def replay_ms(eng: Engine, batch: int, keys: int) -> float:
@@ -264,11 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{system:8s} {mode:11s} B={b:<2d} {b / sec:8.1f} tok/s  step {sec * 1e3:7.2f} ms  "
               f"floor {floor * 1e3:6.2f} ms  eff {floor / sec:.2f}  {more or ''}", flush=True)
 
+    toks: dict[tuple[str, int], list[list[int]]] = {}
     for b in args.batches:
-        for mode in (("graphs", "eager") if dev == "cuda" else ("eager",)):
-            sec, notes = run_engine(model, b, args, mode)
+        for mode in (("eager", "graphs") if dev == "cuda" else ("eager",)):
+            sec, notes, toks[mode, b] = run_engine(model, b, args, mode)
             if "graph_replay_ms" in notes:
                 notes["moe_ms"] = moe_ms(model, b, args)
+            if mode != "eager":  # greedy tokens equal to the eager engine's until the first (near-tie) flip
+                notes["same_tokens_as_eager"] = agreement(toks[mode, b], toks["eager", b])
             add("moesaic", mode, b, sec, notes)
             save(args, env, rows)
         for impl in args.hf_impls if hf is not None else ():
@@ -283,9 +294,11 @@ def main(argv: list[str] | None = None) -> None:
                     torch.cuda.empty_cache()
             save(args, env, rows)
     for b in args.compile_batches if dev == "cuda" else ():  # last: compiling takes a while, may fail
-        sec, notes = run_engine(model, b, args, "graphs+compile")
+        sec, notes, out = run_engine(model, b, args, "graphs+compile")
         if "graph_replay_ms" in notes:
             notes["moe_ms"] = moe_ms(model, b, args)
+        if ("eager", b) in toks:
+            notes["same_tokens_as_eager"] = agreement(out, toks["eager", b])
         add("moesaic", "graphs+compile", b, sec, notes)
         save(args, env, rows)
     summary = summarize(rows, args.batches)
