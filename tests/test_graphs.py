@@ -157,6 +157,33 @@ def test_static_decode_with_triton_kernels_under_the_interpreter():
         kernels._AVAILABLE = None
 
 
+@pytest.mark.slow  # torch.compile on this CPU takes a minute or more
+def test_compiled_static_decode_with_triton_kernels_under_the_interpreter():
+    """MOESAIC_DECODE_COMPILE: the static forward through torch.compile, the Triton forward as one opaque
+    custom op (no explicit config, so the op path is taken), equals the eager decode up to bf16 ties."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU with TRITON_INTERPRET=1 (the CUDA path runs in benchmarks/decode_gpu.py)")
+    pytest.importorskip("triton")
+    from moesaic import kernels
+    from moesaic.kernels.triton import moe_experts_triton
+
+    kernels.register(kernels.Backend("triton-interp", moe_experts_triton))
+    try:
+        model = tiny_model().to(torch.bfloat16)
+        eager, static = _pair(model, max_batch=4, backend="triton-interp")
+        static.decode_graphs = gr.DecodeGraphs(static.model, static.cache, capture=False, compile=True)
+        prompts = prompts_of([5, 3, 7])
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in (6, 7, 4)]
+        rows_e, rows_s = _rows_by_request(eager), _rows_by_request(static)
+        _drive(eager, prompts, params)
+        _drive(static, prompts, params)
+        assert static.decode_graphs.compile, "compiling the step failed"
+        assert_greedy_equal_up_to_ties(rows_s, rows_e, 2e-2)
+    finally:
+        kernels._BACKENDS.pop("triton-interp", None)
+        kernels._AVAILABLE = None
+
+
 def test_buckets_and_fallback_reason(capsys):
     assert gr.batch_buckets(1) == [1] and gr.batch_buckets(8) == [1, 2, 4, 8]
     assert gr.batch_buckets(12) == [1, 2, 4, 8, 12]
