@@ -335,7 +335,9 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
         x = ours["tokens_per_s"] / best["tokens_per_s"]
         out[f"B{b}_speedup_vs_hf_best"] = x
         out["lines"].append(f"B={b}: moesaic {ours['mode']} {ours['tokens_per_s']:.1f} tok/s vs transformers "
-                            f"{best['mode']} {best['tokens_per_s']:.1f} tok/s: {x:.2f}x (target >= 3x at B=1)")
+                            f"{best['mode']} {best['tokens_per_s']:.1f} tok/s: {x:.2f}x (target >= 3x at B=1)"
+                            + (f"; its greedy tokens equal the eager engine's for {ours['same_tokens_as_eager']:.0%}"
+                               " of the run" if "same_tokens_as_eager" in ours else ""))
     for r in rows:
         if "graph_replay_ms" in r and "moe_ms" in r:
             out["lines"].append(
