@@ -50,3 +50,13 @@ part e_decode_gpu_32 120 $PY benchmarks/decode_gpu.py --device cuda --layers 32 
   --hf-impls grouped_mm batched_mm --compile-batches --out "$OUT/decode_gpu_h200_32layers.json"
 echo "== session done in $(( $(date +%s) - START ))s; files:"
 ls -la "$OUT"
+{  # the headline lines of every part, last, so they survive a truncated output
+  echo "== summary"
+  grep -hE "^=+ .*(passed|failed|error|skipped)" "$OUT/a_pytest_gpu.log" 2>/dev/null | tail -n 2
+  grep -hE "FAILED|ERROR " "$OUT/a_pytest_gpu.log" 2>/dev/null | head -n 10
+  for f in "$OUT"/b_decode_gpu.log "$OUT"/e_decode_gpu_32.log; do
+    [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -hE "^# (B=|NVIDIA|transformers)|^# .*TB/s" "$f"; }
+  done
+  grep -hE "^# (geomean|min_speed|train fwd)" "$OUT/c_moe_layer.log" 2>/dev/null
+  grep -hE "^# model step" "$OUT/d_train_model.log" 2>/dev/null
+} | tee "$OUT/summary.txt"
