@@ -1,4 +1,4 @@
-"""CUDA graphs for the engine's T = 1 decode step: one graph per (batch bucket, key bucket, top_k).
+"""CUDA graphs for the engine's T = 1 decode step: one graph per (batch bucket, key bucket, top_k, packed).
 
 Shape legend: B rows of one decode forward (a bucket: 1, 2, 4, 8, ..., max_batch), n real rows (n <= B),
 S key positions attended (a bucket: 128, 256, ... up to the slot length M), V vocabulary.
@@ -17,7 +17,9 @@ over static buffers instead of the engine's per-step `SlotView`:
 The MoE layers must be on a capturable backend (triton: its grids are sized from T*K upper bounds,
 and dropped pairs exit early); `sorted` / `reference` read counts on the host, so the engine decodes
 eagerly then (`unsupported_reason`). With `capture=False` the same static-shape forward runs
-eagerly: the CPU tests check it against the engine's eager decode.
+eagerly: the CPU tests check it against the engine's eager decode. Opt-in (MOESAIC_DECODE_COMPILE=1 or
+compile=True): each bucket's forward goes through torch.compile before capture, fusing the small ops
+between the matmuls (the Triton experts forward stays one opaque custom op).
 """
 
 from __future__ import annotations
