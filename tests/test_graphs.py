@@ -184,6 +184,40 @@ def test_compiled_static_decode_with_triton_kernels_under_the_interpreter():
         kernels._AVAILABLE = None
 
 
+def _alone_and_crowded(model, make_graphs, **kw):
+    """A seeded sampling request alone, then with batch-mates (it lands in another slot), deterministic."""
+    target = prompts_of([7])[0]
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=11, logprobs=0)
+    out = []
+    for mates in ([], prompts_of([4, 12, 9], seed=5)):
+        eng = Engine(copy.deepcopy(model), max_batch=4, deterministic=True, **kw)
+        if make_graphs:
+            eng.decode_graphs = gr.DecodeGraphs(eng.model, eng.cache, capture=False)
+        assert eng.decode_graphs is not None
+        for m in mates[:1]:
+            eng.submit(m, SamplingParams(max_tokens=5, temperature=0))
+        eng.step()
+        r = eng.submit(target, params)
+        for m in mates[1:]:
+            eng.submit(m, SamplingParams(max_tokens=3, temperature=0.7, seed=3))
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.decode_graphs.stats["replays"] > 0 or not eng.decode_graphs.capture
+        out.append((r.completion(), set(eng.decode_graphs._entries)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_static_decode_is_batch_invariant(dtype):
+    """Alone the request decodes from slot 0 (keys a slice), crowded from another slot (a gather):
+    its logprobs stay bitwise equal."""
+    model = tiny_model().to(dtype)
+    (alone, ka), (crowded, kc) = _alone_and_crowded(model, True, backend="sorted", onednn=False)
+    assert crowded.token_ids == alone.token_ids
+    assert crowded.logprobs == alone.logprobs  # bitwise
+    assert ka == {(1, 64, None, True)} and (1, 64, None, False) in kc
+
+
 def test_buckets_and_fallback_reason(capsys):
     assert gr.batch_buckets(1) == [1] and gr.batch_buckets(8) == [1, 2, 4, 8]
     assert gr.batch_buckets(12) == [1, 2, 4, 8, 12]
@@ -240,3 +274,15 @@ def test_engine_falls_back_eagerly_for_sorted_on_cuda(capsys):
     assert "data-dependent" in capsys.readouterr().err
     out = eng.generate([prompts_of([4])[0]], SamplingParams(max_tokens=3, temperature=0))
     assert len(out[0].token_ids) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deterministic_graphs_are_batch_invariant_on_cuda(monkeypatch):
+    """deterministic=True with captured graphs: bitwise the same logprobs alone or in a crowd."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MOESAIC_TRITON_AUTOTUNE", "0")
+    (alone, _), (crowded, kc) = _alone_and_crowded(_cuda_model(), False, backend="triton")
+    assert crowded.token_ids == alone.token_ids
+    assert crowded.logprobs == alone.logprobs  # bitwise
+    assert (1, 128, None, False) in kc  # the crowded run's target decoded from a gather
