@@ -136,6 +136,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(1, sum(len(x) for x in b))
 
 
+@torch.inference_mode()  # the engine's static inputs are inference tensors; weights need no grad
 def replay_ms(eng: Engine, batch: int, keys: int) -> float:
     """GPU time of one decode step: the last bucket's graph replayed (CUDA events, do_bench median) with
     real rows at position 0 of slots 0..B-1 (lengths reset before each replay: slots never fill)."""
@@ -161,6 +162,7 @@ def replay_ms(eng: Engine, batch: int, keys: int) -> float:
     return ms
 
 
+@torch.inference_mode()  # the engine's static inputs are inference tensors; weights need no grad
 def moe_ms(model, batch: int, args) -> float:
     """GPU time of the step's MoE experts: one layer's Triton forward on `batch` tokens (softmax routing)
     replayed from a CUDA graph (do_bench median), times the MoE layers."""
