@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
             save(args, env, rows)
+    for line in summarize(rows, args.batches)["lines"]:  # now too, in case compiling runs out of time
+        print(f"# {line}", flush=True)
     for b in args.compile_batches if dev == "cuda" else ():  # last: compiling takes a while, may fail
         sec, notes, out = run_engine(model, b, args, "graphs+compile")
         if "graph_replay_ms" in notes:
