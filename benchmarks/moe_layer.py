@@ -282,7 +282,13 @@ def train_model_step(name: str, batch: int, seq: int, rep_ms: int) -> dict:
 
     cfg = ModelConfig.preset("tiny", vocab_size=32000, max_seq_len=seq, **MODEL_SHAPES[name])
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device="cuda", dtype=torch.bfloat16)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built on the GPU in bf16: a CPU fp32 init took ~40 s
+    try:
+        with torch.device("cuda"):
+            model = Transformer(cfg)
+    finally:
+        torch.set_default_dtype(prev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     out = {"shape": name, "layers": cfg.n_layers, "tokens": batch * seq}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from moesaic.inference.cache import SlotCache
+from moesaic.inference.graphs import make_decode_graphs
 from moesaic.inference.request import Completion, Request
 from moesaic.inference.sampler import SamplingParams, sample_row, token_logprobs
 from moesaic.inference.scheduler import Scheduler
@@ -53,12 +54,14 @@ class Engine(AsyncEngineMixin):
             per forward.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
             its batch-mates (slower: weights are read once per row instead of once per step).
+        cuda_graphs: replay decode steps from CUDA graphs (inference/graphs.py); None: on when the model is
+            on CUDA and the step is capturable (MoE layers on the triton backend), else eager.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
                  quantize_linears: bool = False, deterministic: bool = False, onednn: bool = True,
-                 prefill_tokens: int = 2048, pack_weights: bool = False) -> None:
+                 prefill_tokens: int = 2048, pack_weights: bool = False, cuda_graphs: bool | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
         cfg = model.config
@@ -96,6 +99,7 @@ class Engine(AsyncEngineMixin):
         self.cache = SlotCache.for_model(cfg, max_batch, max_len, dtype=cache_dtype, device=p.device)
         self.device = p.device
         self.scheduler = Scheduler(self.cache)
+        self.decode_graphs = make_decode_graphs(self.model, self.cache, cuda_graphs)  # GPU (or None)
         self._ids = itertools.count()
         self._step_lock = threading.Lock()
         self._bg: threading.Thread | None = None
@@ -235,6 +239,12 @@ class Engine(AsyncEngineMixin):
         self._sample(reqs, out.logits[:, -1])
 
     def _decode(self, reqs: list[Request]) -> None:
+        if self.decode_graphs is not None:  # CUDA graphs (inference/graphs.py); None: capture failed
+            logits = self.decode_graphs.decode([r.output_ids[-1] for r in reqs], [r.slot for r in reqs],
+                                               [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs],
+                                               reqs[0].experts_per_token)
+            if logits is not None:
+                return self._sample(reqs, logits)
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], dtype=torch.long, device=self.device)
         view = self.cache.view([r.slot for r in reqs])
         out = self.model.forward_aux(ids, cache=view, top_k=reqs[0].experts_per_token, last_only=True)

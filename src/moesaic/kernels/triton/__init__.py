@@ -49,10 +49,25 @@ def _check(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
                          f"{hidden.device}, {w13.device}, {w2.device}")
 
 
+@torch.library.custom_op("moesaic::triton_moe_experts", mutates_args=())
+def _compiled_op(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 weights_TK: torch.Tensor) -> torch.Tensor:
+    """The inference forward as one opaque op for torch.compile (Dynamo cannot trace the launches)."""
+    return moe_experts_triton(hidden_TD, w13_EGD, w2_EDF, expert_ids_TK, weights_TK)
+
+
+@_compiled_op.register_fake
+def _(hidden_TD, w13_EGD, w2_EDF, expert_ids_TK, weights_TK):
+    return torch.empty_like(hidden_TD)
+
+
 def moe_experts_triton(hidden_TD: torch.Tensor, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor,
                        expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *, config=None) -> torch.Tensor:
     """Same contract as `reference.moe_experts_reference`. `config` (a launch.MoEConfig) overrides the
-    tuned one; when gradients are needed the grouped path is used whatever the config says."""
+    tuned one; when gradients are needed the grouped path is used whatever the config says. Inside
+    torch.compile (inference) it is one opaque custom op, so the code around it compiles as one graph."""
+    if config is None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return _compiled_op(hidden_TD, w13_EGD, w2_EDF, expert_ids_TK, weights_TK)
     from moesaic.kernels.triton import autotune, launch
     from moesaic.kernels.triton.ops import TritonMoEFunction, forward
 
