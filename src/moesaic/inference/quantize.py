@@ -9,9 +9,12 @@ logits choose experts, and they are tiny.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from moesaic.inference.hugepages import move_to_huge_pages
 from moesaic.kernels.quant import (
     _ONEDNN_MIN_WEIGHT,
     Int8Experts,
@@ -77,14 +80,61 @@ def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
         if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
                 and w2.shape[-1] <= 1024 and w2.is_contiguous()):
             w2.data = transpose_for_gemv(w2.data)
-        if pack_weights and layer.backend == "onednn" and isinstance(w2, torch.Tensor):
-            _pack(layer.experts.w13)
-            _pack(w2)
     if pack_weights:
-        for mod in model.modules():
-            if isinstance(mod, OneDNNLinear) and mod.weight.numel() >= _ONEDNN_MIN_WEIGHT:
-                _pack(mod.weight)
+        pack_weights_onednn(model)
     return True
+
+
+def pack_weights_onednn(model: nn.Module) -> None:
+    """Attach oneDNN-blocked copies (`kernels.quant.pack_onednn`) to the float experts of MoE layers on the
+    `onednn` backend and to the `OneDNNLinear` weights (after `use_onednn`; again after moving weights)."""
+    for layer in model.moe_layers():
+        if layer.backend == "onednn" and isinstance(layer.experts.w2, torch.Tensor):
+            _pack(layer.experts.w13)
+            _pack(layer.experts.w2)
+    for mod in model.modules():
+        if isinstance(mod, OneDNNLinear) and mod.weight.numel() >= _ONEDNN_MIN_WEIGHT:
+            _pack(mod.weight)
+
+
+def auto_pack(model: nn.Module, max_batch: int) -> bool:
+    """Whether blocked copies pay here: they speed up multi-row steps and bf16 one-row steps (not fp32
+    one-row steps), and cost a second copy of the float weights, which must take < 1/4 of available memory."""
+    p = model.embed.weight
+    if max_batch == 1 and p.dtype != torch.bfloat16:
+        return False
+    float_bytes = sum(t.numel() * t.element_size() for t in model.parameters() if t.dtype.is_floating_point)
+    return float_bytes < available_memory() / 4
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the physical memory; 0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,
+                        huge_pages: bool = True, max_batch: int = 1) -> bool:
+    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), huge pages
+    (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
+    blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
+    on_cpu = model.embed.weight.device.type == "cpu"
+    used = onednn and use_onednn(model)
+    if huge_pages and on_cpu:
+        move_to_huge_pages(model)
+    pack = used and (auto_pack(model, max_batch) if pack_weights is None else pack_weights)
+    if pack:
+        pack_weights_onednn(model)
+    return bool(pack)
 
 
 def unpack_weights(model: nn.Module) -> None:

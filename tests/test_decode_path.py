@@ -1,0 +1,89 @@
+"""The lean decode path: huge-page weights, automatic packing, mask-free equal-length steps, fused norms, GQA SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moesaic.inference import Engine, SamplingParams
+from moesaic.inference.cache import SlotCache
+from moesaic.inference.hugepages import huge_page_copy, huge_pages_supported, move_to_huge_pages
+from moesaic.inference.quantize import auto_pack
+from moesaic.model.attention import sdpa
+from moesaic.model.norm import rms_norm
+from test_engine import naive_greedy, prompts_of, tiny_model
+
+needs_thp = pytest.mark.skipif(not huge_pages_supported(), reason="no transparent huge pages here")
+
+
+@needs_thp
+@pytest.mark.parametrize("shape,transpose", [((3, 5), False), ((300, 70), True), ((2, 3, 4), False), ((0,), False)])
+def test_huge_page_copy_keeps_values_and_strides(shape, transpose):
+    t = torch.randn(*shape)
+    if transpose:
+        t = t.t()
+    h = huge_page_copy(t)
+    assert h.shape == t.shape and h.stride() == t.stride() and torch.equal(h, t)
+    assert h.numel() == 0 or (h.data_ptr() != t.data_ptr() and h.data_ptr() % (2 << 20) == 0)
+
+
+@needs_thp
+def test_moved_model_decodes_the_same_and_keeps_its_state_dict():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    moved = move_to_huge_pages(model, min_bytes=0)
+    assert moved == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    assert all(p.data_ptr() != ptrs[n] for n, p in model.named_parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert move_to_huge_pages(model, min_bytes=0) == 0  # already moved: a second engine copies nothing
+    eng = Engine(model, max_batch=2, huge_pages=False)
+    prompts = prompts_of([4, 9])
+    outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert [o.token_ids for o in outs] == [naive_greedy(model, p, 6, set()) for p in prompts]
+
+
+def test_auto_pack_only_where_blocked_copies_win():
+    fp32 = tiny_model()
+    assert not auto_pack(fp32, max_batch=1)  # fp32 one-row steps use the plain weights
+    assert auto_pack(fp32, max_batch=8)
+    assert auto_pack(tiny_model().to(torch.bfloat16), max_batch=1)
+
+
+def test_slot_view_masks_only_when_lengths_differ():
+    cache = SlotCache(n_layers=1, n_slots=3, n_kv_heads=2, max_len=16, k_dim=4, v_dim=4)
+    cache.lengths[:] = torch.tensor([5, 5, 5])
+    k = torch.randn(3, 2, 1, 4)
+    k_all, _, mask = cache.view([0, 1, 2]).update(0, k, k)
+    assert mask is None and k_all.shape == (3, 2, 6, 4) and torch.equal(k_all[:, :, 5:], k)
+    cache.lengths[:] = torch.tensor([5, 2, 5])
+    _, _, mask = cache.view([0, 1, 2]).update(0, k, k)
+    assert mask is not None and mask[1, 0, 0].tolist() == [True] * 3 + [False] * 3
+    _, _, mask = cache.view([0]).update(0, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert mask is not None  # several new tokens: causal within them
+
+
+@pytest.mark.parametrize("dtype,weight_shape", [(torch.float32, (8,)), (torch.bfloat16, (8,)),
+                                                (torch.float32, (3, 8)), (torch.bfloat16, (3, 8))])
+def test_rms_norm_matches_the_plain_formula(dtype, weight_shape):
+    x = torch.randn(2, 5, 3, 8).to(dtype)
+    w = torch.randn(weight_shape).to(dtype)
+    x32 = x.float()
+    want = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = rms_norm(x, w, 1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,masked", [(1, False), (1, True), (4, False), (4, True)])
+def test_sdpa_gqa_matches_repeated_heads(t, masked):
+    b, h, hkv, s, d = 2, 8, 2, 6, 16
+    q = torch.randn(b, h, t, d)
+    k, v = torch.randn(b, hkv, s if masked or t == 1 else t, d), torch.randn(b, hkv, s if masked or t == 1 else t, d)
+    mask = (torch.rand(b, 1, t, k.shape[2]) > 0.3) | (torch.arange(k.shape[2]) == 0) if masked else None
+    kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    want = (F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask) if masked
+            else F.scaled_dot_product_attention(q, kr, vr, is_causal=t > 1))
+    torch.testing.assert_close(sdpa(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
