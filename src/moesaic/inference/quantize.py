@@ -53,15 +53,17 @@ def _swap_linears(module: nn.Module) -> None:
             _swap_linears(child)
 
 
-def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
+def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool = False) -> bool:
     """Route a CPU float model's linears and experts through oneDNN (inference only); returns whether it did.
 
     Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
     layers on "auto" get the `onednn` kernels backend. Int8 layers are left as they are.
-    fp32 experts with short down-projection rows (F <= 1024, fine-grained experts) keep w2's values and
-    shape but are stored transposed (`kernels.quant.transpose_for_gemv`): the one-row decode matmul
-    reads them ~1.5x faster that way (measured: fine-64x8 batch-1 steps 1.11x faster, batch 8 1.06x;
-    coarse F=2816 experts lose at batch 8, bf16 gains nothing, so those keep their layout).
+    fp32 experts with short down-projection rows (F <= 1024, fine-grained experts), or every fp32 expert
+    with `transpose_w2`, keep w2's values and shape but are stored transposed
+    (`kernels.quant.transpose_for_gemv`): the one-row decode matmul reads them faster that way through
+    MKL's x @ W (fine-64x8 batch-1 steps 1.11x, batch 8 1.06x; coarse F=2816 rows: 1.05x at batch 1 and
+    1.03x at batch 8 with blocked copies, on huge pages, but a loss at batch 8 without blocked copies,
+    which is why the engine asks for it only when it packs or runs one row; bf16 gains nothing).
     pack_weights: also keep oneDNN-blocked copies of the float expert matrices and linears
     (`kernels.quant.pack_onednn`) for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.4-1.5x
     (batch 32) faster decode steps, and bf16 batch-1 steps 1.4-1.5x, at the cost of a second copy of those
@@ -78,7 +80,7 @@ def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
             layer.backend = "onednn"
         w2 = layer.experts.w2
         if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
-                and w2.shape[-1] <= 1024 and w2.is_contiguous()):
+                and (transpose_w2 or w2.shape[-1] <= 1024) and w2.is_contiguous()):
             w2.data = transpose_for_gemv(w2.data)
     if pack_weights:
         pack_weights_onednn(model)
@@ -128,10 +130,11 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
     on_cpu = model.embed.weight.device.type == "cpu"
-    used = onednn and use_onednn(model)
+    pack = auto_pack(model, max_batch) if pack_weights is None else pack_weights
+    used = onednn and use_onednn(model, transpose_w2=pack or max_batch == 1)
     if huge_pages and on_cpu:
         move_to_huge_pages(model)
-    pack = used and (auto_pack(model, max_batch) if pack_weights is None else pack_weights)
+    pack = used and pack
     if pack:
         pack_weights_onednn(model)
     return bool(pack)
