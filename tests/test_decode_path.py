@@ -10,6 +10,7 @@ from moesaic.inference import Engine, SamplingParams
 from moesaic.inference.cache import SlotCache
 from moesaic.inference.hugepages import huge_page_copy, huge_pages_supported, move_to_huge_pages
 from moesaic.inference.quantize import auto_pack
+from moesaic.kernels import cpu_gemv
 from moesaic.model.attention import sdpa
 from moesaic.model.norm import rms_norm
 from test_engine import naive_greedy, prompts_of, tiny_model
@@ -87,3 +88,59 @@ def test_sdpa_gqa_matches_repeated_heads(t, masked):
     want = (F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask) if masked
             else F.scaled_dot_product_attention(q, kr, vr, is_causal=t > 1))
     torch.testing.assert_close(sdpa(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+
+
+needs_gemv = pytest.mark.skipif(not cpu_gemv.available(), reason="C GEMV not buildable here (no cc / AVX-512)")
+
+
+@needs_gemv
+@pytest.mark.parametrize("o,i", [(1, 1), (7, 15), (33, 17), (5, 64), (129, 1000), (64, 1024), (3, 2816)])
+def test_cpu_gemv_matches_linear(o, i):
+    """fp32 ~1e-5 relative to the output's scale (sums of i terms in another order)."""
+    w, x = torch.randn(o, i), torch.randn(1, i)
+    wide = torch.randn(o, i + 37)[:, 3:3 + i]  # rows contiguous, row stride != I
+    for m in (w, wide):
+        assert cpu_gemv.usable(x, m)
+        got, want = cpu_gemv.gemv_f32(x, m), F.linear(x, m)
+        assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@needs_gemv
+def test_cpu_gemv_is_used_only_where_it_applies():
+    w, x = torch.randn(8, 16), torch.randn(1, 16)
+    assert not cpu_gemv.usable(torch.randn(2, 16), w)  # several rows: oneDNN's blocked kernels
+    assert not cpu_gemv.usable(x.bfloat16(), w.bfloat16())
+    assert not cpu_gemv.usable(x, w.t().contiguous().t())  # columns contiguous: MKL's x @ W
+    torch.set_num_threads(2)
+    assert not cpu_gemv.usable(x, w)  # one-threaded kernel: torch's threads do better
+    torch.set_num_threads(1)
+    with torch.enable_grad():
+        assert not cpu_gemv.usable(x.requires_grad_(), w)
+
+
+@needs_gemv
+@pytest.mark.parametrize("t", [1, 3])
+def test_onednn_backend_with_gemv_matches_reference(t):
+    """One-row calls go through the C GEMV (plain and transposed w2), several rows through oneDNN."""
+    from moesaic import kernels
+    from moesaic.kernels.quant import transpose_for_gemv
+    from moesaic.kernels.reference import moe_experts_reference
+
+    w13, w2 = torch.randn(4, 512, 256) * 0.05, torch.randn(4, 256, 256) * 0.05
+    x, ids, wts = torch.randn(t, 256), torch.randint(0, 4, (t, 2)), torch.rand(t, 2)
+    ref = moe_experts_reference(x, w13, w2, ids, wts)
+    with torch.inference_mode():
+        for w2_layout in (w2, transpose_for_gemv(w2)):
+            got = kernels.moe_experts(x, w13, w2_layout, ids, wts, backend="onednn")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_gemv
+def test_onednn_linear_one_row_with_bias_matches_linear():
+    from moesaic.kernels.quant import cpu_linear
+
+    w, b, x = torch.randn(300, 256), torch.randn(300), torch.randn(1, 256)  # >= 65536 weights: the fast path
+    with torch.inference_mode():
+        got = cpu_linear(x, w, b)
+    want = F.linear(x, w, b)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moesaic.inference.hugepages import move_to_huge_pages
+from moesaic.kernels import cpu_gemv
 from moesaic.kernels.quant import (
     _ONEDNN_MIN_WEIGHT,
     Int8Experts,
@@ -53,13 +54,14 @@ def _swap_linears(module: nn.Module) -> None:
             _swap_linears(child)
 
 
-def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool = False) -> bool:
+def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool | None = None) -> bool:
     """Route a CPU float model's linears and experts through oneDNN (inference only); returns whether it did.
 
     Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
     layers on "auto" get the `onednn` kernels backend. Int8 layers are left as they are.
-    fp32 experts with short down-projection rows (F <= 1024, fine-grained experts), or every fp32 expert
-    with `transpose_w2`, keep w2's values and shape but are stored transposed
+    transpose_w2 (None: fp32 experts with short down-projection rows, F <= 1024, unless the C GEMV
+    `kernels.cpu_gemv` is built, which reads the plain layout faster still; True: every fp32 expert;
+    False: none): fp32 w2 keeps its values and shape but is stored transposed
     (`kernels.quant.transpose_for_gemv`): the one-row decode matmul reads them faster that way through
     MKL's x @ W (fine-64x8 batch-1 steps 1.11x, batch 8 1.06x; coarse F=2816 rows: 1.05x at batch 1 and
     1.03x at batch 8 with blocked copies, on huge pages, but a loss at batch 8 without blocked copies,
@@ -80,7 +82,8 @@ def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool 
             layer.backend = "onednn"
         w2 = layer.experts.w2
         if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
-                and (transpose_w2 or w2.shape[-1] <= 1024) and w2.is_contiguous()):
+                and w2.is_contiguous() and (transpose_w2 if transpose_w2 is not None
+                                            else w2.shape[-1] <= 1024 and not cpu_gemv.available())):
             w2.data = transpose_for_gemv(w2.data)
     if pack_weights:
         pack_weights_onednn(model)
@@ -131,7 +134,9 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
     on_cpu = model.embed.weight.device.type == "cpu"
     pack = auto_pack(model, max_batch) if pack_weights is None else pack_weights
-    used = onednn and use_onednn(model, transpose_w2=pack or max_batch == 1)
+    # one-row fp32 steps read w2 fastest row-major through the C GEMV, else stored transposed (MKL's x @ W)
+    transpose = False if cpu_gemv.available() else (True if pack or max_batch == 1 else None)
+    used = onednn and use_onednn(model, transpose_w2=transpose)
     if huge_pages and on_cpu:
         move_to_huge_pages(model)
     pack = used and pack

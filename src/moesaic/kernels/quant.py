@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moesaic.kernels import cpu_gemv
 from moesaic.kernels.reference import swiglu
 from moesaic.kernels.sorted import sort_by_expert
 
@@ -174,6 +175,22 @@ def _onednn_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.
     return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], "")
 
 
+def _gemv_expert_linear(x_1I: torch.Tensor, w: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's one-row fp32 matmul through `cpu_gemv` (rows contiguous), or MKL's x @ W for a weight
+    stored transposed."""
+    w_OI = w[e]
+    if w_OI.stride(1) == 1:
+        return cpu_gemv.gemv_f32(x_1I, w_OI)
+    return torch.mm(x_1I, w_OI.t())
+
+
+def _one_row_gemv(x_MI: torch.Tensor) -> bool:
+    """One fp32 row on one torch thread with the C GEMV built: `cpu_gemv` reads weights 1.1-1.4x faster
+    than oneDNN / MKL there (the caller has checked device, weight dtype and autograd)."""
+    return (x_MI.shape[0] == 1 and x_MI.dtype == torch.float32 and torch.get_num_threads() == 1
+            and cpu_gemv.available())
+
+
 PACKED_ATTR = "_moesaic_onednn_packed"  # oneDNN-blocked copies (per expert, or one per linear) on a weight
 
 
@@ -217,7 +234,7 @@ def _expert_matmul(hidden_TD: torch.Tensor, w13_EGD, w2_EDF):
             and onednn_available() and onednn_supports(hidden_TD, w13_EGD) and w2_EDF.dtype == hidden_TD.dtype
             and not (torch.is_grad_enabled() and w2_EDF.requires_grad)
             and min(w13_EGD[0].numel(), w2_EDF[0].numel()) >= _ONEDNN_MIN_WEIGHT):
-        return _onednn_expert_linear
+        return _gemv_expert_linear if _one_row_gemv(hidden_TD) else _onednn_expert_linear
     return _expert_linear
 
 
@@ -251,6 +268,9 @@ def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | No
     """x @ w.T (+ bias): oneDNN on CPU for inference, F.linear otherwise (same numbers up to fp32 rounding)."""
     if x_MI.dim() == 2 and x_MI.shape[0] > 0 and w_OI.numel() >= _ONEDNN_MIN_WEIGHT and onednn_available() \
             and onednn_supports(x_MI, w_OI) and (bias_O is None or bias_O.dtype == x_MI.dtype):
+        if w_OI.stride(-1) == 1 and _one_row_gemv(x_MI):
+            y = cpu_gemv.gemv_f32(x_MI, w_OI)
+            return y if bias_O is None else y.add_(bias_O)
         packed = _packed(w_OI) if x_MI.shape[0] > 1 or x_MI.dtype == torch.bfloat16 else None
         return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI if packed is None else packed, bias_O, "none", [], "")
     return F.linear(x_MI, w_OI, bias_O)
