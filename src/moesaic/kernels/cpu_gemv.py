@@ -1,15 +1,17 @@
-"""One-row fp32 matrix-vector product for CPU decode: a small AVX-512 C kernel, built on first use.
+"""One-row matrix-vector products for CPU decode (fp32, bf16): small AVX-512 C kernels, built on first use.
 
 Shape legend: I input features, O output features (rows of the weight), ld the weight's row stride.
 
-    y[0, o] = sum_i x[0, i] * w[o, i]        (x [1, I], w [O, I] rows contiguous, fp32)
+    y[0, o] = sum_i x[0, i] * w[o, i]        (x [1, I], w [O, I] rows contiguous; fp32, or bf16 with
+                                              fp32 accumulation through avx512_bf16 pair dot products)
 
 Why: a batch-1 decode step is one GEMV per weight matrix, bound by how fast one core streams the
 weight. On the 2-core Zen 4 VM, with weights in huge pages, oneDNN / MKL read 20-23 GB/s where a plain
 sum reads ~32 GB/s; this kernel (one row at a time, four accumulators, software prefetch 4 KiB ahead)
-reads 25-29 GB/s on the benchmark shapes. It is compiled with the system C compiler (`cc`, -O3
+reads 24-27 GB/s on the benchmark shapes; in bf16 it reads 20-24 GB/s where oneDNN (over its
+blocked copy) reads 13-18. It is compiled with the system C compiler (`cc`, -O3
 -march=native) into a cache folder the first time `available()` is asked, and loaded with ctypes
-(the call releases the GIL). Where there is no compiler, no AVX-512 or no Linux, `available()` is
+(the call releases the GIL). Where there is no compiler, no AVX-512 (+ BF16) or no Linux, `available()` is
 False and callers keep oneDNN. It is single-threaded: callers use it only when torch runs one thread.
 """
 
@@ -55,6 +57,38 @@ void moesaic_gemv_f32(const float* x, const float* w, float* y, int64_t O, int64
     y[o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 }
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's float -> bfloat16 (finite f) */
+  union { float f; uint32_t u; } v = { f };
+  return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* bf16 x [I], bf16 w rows, bf16 y [O] (fp32 accumulation, bf16 pair dot products: avx512_bf16). */
+void moesaic_gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t O, int64_t I, int64_t ld) {
+  const int64_t i128 = I & ~(int64_t)127, i32 = I & ~(int64_t)31;
+  const __mmask32 tail = (__mmask32)((1ull << (I - i32)) - 1ull);
+  for (int64_t o = 0; o < O; o++) {
+    const uint16_t* r = w + o * ld;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < i128; i += 128) {
+      _mm_prefetch((const char*)(r + i + 2048), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 2080), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 2112), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 2144), _MM_HINT_T0);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + i), (__m512bh)_mm512_loadu_si512(x + i));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
+    }
+    for (; i < i32; i += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + i), (__m512bh)_mm512_loadu_si512(x + i));
+    if (i < I)
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + i),
+                            (__m512bh)_mm512_maskz_loadu_epi16(tail, x + i));
+    y[o] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+  }
+}
 """
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
@@ -64,19 +98,21 @@ def _cache_dir() -> Path:
     return Path(root).expanduser() / "kernels"
 
 
-def _cpu_has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512f" in flags
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """Build (once per source, flags and machine) and load the kernel library; None when it cannot be."""
     cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None or platform.system() != "Linux" or platform.machine() != "x86_64" or not _cpu_has_avx512():
+    needed = {"avx512f", "avx512bw", "avx512_bf16"}  # the bf16 kernel's instructions are compiled in too
+    if cc is None or platform.system() != "Linux" or platform.machine() != "x86_64" or not needed <= _cpu_flags():
         return None
     key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, platform.node()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv_{key}.so"
@@ -92,9 +128,9 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    fn = lib.moesaic_gemv_f32
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    fn.restype = None
+    for fn in (lib.moesaic_gemv_f32, lib.moesaic_gemv_bf16):
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        fn.restype = None
     return lib
 
 
@@ -104,18 +140,21 @@ def available() -> bool:
 
 
 def usable(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
-    """Whether `gemv_f32(x, w)` applies: one fp32 CPU row, an fp32 CPU weight whose rows are contiguous,
-    no gradient wanted, torch on one thread (the kernel does not split work across threads)."""
-    return (x_MI.dim() == 2 and x_MI.shape[0] == 1 and x_MI.dtype == torch.float32 and w_OI.dtype == torch.float32
+    """Whether `gemv(x, w)` applies: one fp32 or bf16 CPU row, a CPU weight of the same dtype whose rows are
+    contiguous, no gradient wanted, torch on one thread (the kernel does not split work across threads)."""
+    return (x_MI.dim() == 2 and x_MI.shape[0] == 1 and x_MI.dtype in _KERNELS and w_OI.dtype == x_MI.dtype
             and x_MI.device.type == "cpu" and w_OI.device.type == "cpu" and w_OI.dim() == 2
             and w_OI.shape[1] == x_MI.shape[1] and w_OI.stride(1) == 1 and torch.get_num_threads() == 1
             and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad)) and available())
 
 
-def gemv_f32(x_1I: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x [1, I] @ w [O, I].T -> [1, O] (fp32; check `usable` first)."""
+_KERNELS = {torch.float32: "moesaic_gemv_f32", torch.bfloat16: "moesaic_gemv_bf16"}
+
+
+def gemv(x_1I: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x [1, I] @ w [O, I].T -> [1, O] in x's dtype (fp32, or bf16 with fp32 accumulation; check `usable`)."""
     x = x_1I.contiguous()
-    y = torch.empty((1, w_OI.shape[0]), dtype=torch.float32)
-    _library().moesaic_gemv_f32(x.data_ptr(), w_OI.data_ptr(), y.data_ptr(), w_OI.shape[0], w_OI.shape[1],
-                                w_OI.stride(0))
+    y = torch.empty((1, w_OI.shape[0]), dtype=x.dtype)
+    getattr(_library(), _KERNELS[x.dtype])(x.data_ptr(), w_OI.data_ptr(), y.data_ptr(), w_OI.shape[0],
+                                           w_OI.shape[1], w_OI.stride(0))
     return y
