@@ -151,3 +151,17 @@ def test_onednn_linear_one_row_with_bias_matches_linear():
         got = cpu_linear(x, w, b)
     want = F.linear(x, w, b)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("o,i", [(1, 1), (7, 15), (33, 17), (64, 1024), (3, 2816)])
+def test_cpu_gemv_int8_matches_dequantized(o, i, dtype, tol):
+    from moesaic.kernels.quant import int8_linear, quantize_int8
+
+    q, s = quantize_int8(torch.randn(o, i))
+    x = torch.randn(1, i).to(dtype)
+    want = x.float() @ (q.float() * s[:, None]).t()
+    with torch.inference_mode():
+        got = int8_linear(x, q, s.to(dtype))  # one row on one thread: the C kernel
+    assert got.dtype == dtype and float((got.float() - want).abs().max()) <= tol * float(want.abs().max())
