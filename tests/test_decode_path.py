@@ -104,17 +104,21 @@ def test_cpu_gemv_matches_linear(o, i, dtype, tol):
     """Relative to the output's scale (sums of i terms in another order; bf16: the rounded output)."""
     w, x = torch.randn(o, i).to(dtype), torch.randn(1, i).to(dtype)
     wide = torch.randn(o, i + 37).to(dtype)[:, 3:3 + i]  # rows contiguous, row stride != I
+    x2 = torch.randn(2, i).to(dtype)
     for m in (w, wide):
-        assert cpu_gemv.usable(x, m)
-        got, want = cpu_gemv.gemv(x, m), F.linear(x.float(), m.float())
-        assert got.shape == want.shape and got.dtype == dtype
-        assert float((got.float() - want).abs().max()) <= tol * float(want.abs().max())
+        for xs in (x, x2) if dtype == torch.float32 else (x,):  # two rows: fp32 only
+            assert cpu_gemv.usable(xs, m)
+            got, want = cpu_gemv.gemv(xs, m), F.linear(xs.float(), m.float())
+            assert got.shape == want.shape and got.dtype == dtype
+            assert float((got.float() - want).abs().max()) <= tol * float(want.abs().max())
 
 
 @needs_gemv
 def test_cpu_gemv_is_used_only_where_it_applies():
     w, x = torch.randn(8, 16), torch.randn(1, 16)
-    assert not cpu_gemv.usable(torch.randn(2, 16), w)  # several rows: oneDNN's blocked kernels
+    assert cpu_gemv.usable(torch.randn(2, 16), w)  # two fp32 rows: the two-row kernel
+    assert not cpu_gemv.usable(torch.randn(3, 16), w)  # more rows: oneDNN's blocked kernels
+    assert not cpu_gemv.usable(torch.randn(2, 16).bfloat16(), w.bfloat16())
     assert not cpu_gemv.usable(x.bfloat16(), w)  # mixed dtypes
     assert not cpu_gemv.usable(x, w.t().contiguous().t())  # columns contiguous: MKL's x @ W
     torch.set_num_threads(2)
@@ -126,15 +130,18 @@ def test_cpu_gemv_is_used_only_where_it_applies():
 
 @needs_gemv
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 2, 3, 7])
 def test_onednn_backend_with_gemv_matches_reference(t, dtype, tol):
-    """One-row calls go through the C GEMV (plain and transposed w2), several rows through oneDNN."""
+    """One-row calls go through the C GEMV (plain and transposed w2), two fp32 rows per expert through the
+    two-row kernel (t=2 routes both tokens to experts 0 and 1), more rows through oneDNN."""
     from moesaic import kernels
     from moesaic.kernels.quant import transpose_for_gemv
     from moesaic.kernels.reference import moe_experts_reference
 
     w13, w2 = (torch.randn(4, 512, 256) * 0.05).to(dtype), (torch.randn(4, 256, 256) * 0.05).to(dtype)
     x, ids, wts = torch.randn(t, 256).to(dtype), torch.randint(0, 4, (t, 2)), torch.rand(t, 2).to(dtype)
+    if t == 2:
+        ids = torch.tensor([[0, 1], [1, 0]])
     ref = moe_experts_reference(x, w13, w2, ids, wts)
     with torch.inference_mode():
         for w2_layout in (w2, transpose_for_gemv(w2)):

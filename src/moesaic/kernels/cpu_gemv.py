@@ -58,6 +58,40 @@ void moesaic_gemv_f32(const float* x, const float* w, float* y, int64_t O, int64
   }
 }
 
+/* Two rows: y[m * O + o] = sum_i w[o * ld + i] * x[m * ldx + i], m in {0, 1}: each weight row read once for both
+   (oneDNN's blocked kernels do badly at two rows: 11-14 GB/s here, this 17-26). */
+void moesaic_gemv2_f32(const float* x, int64_t ldx, const float* w, float* y, int64_t O, int64_t I, int64_t ld) {
+  const int64_t i32 = I & ~(int64_t)31, i16 = I & ~(int64_t)15;
+  const __mmask16 tail = (__mmask16)((1u << (I - i16)) - 1u);
+  const float* x1 = x + ldx;
+  for (int64_t o = 0; o < O; o++) {
+    const float* r = w + o * ld;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < i32; i += 32) {
+      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T0);
+      __m512 w0 = _mm512_loadu_ps(r + i), w1 = _mm512_loadu_ps(r + i + 16);
+      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
+      b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x1 + i), b0);
+      b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + i + 16), b1);
+    }
+    for (; i < i16; i += 16) {
+      __m512 w0 = _mm512_loadu_ps(r + i);
+      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+      b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x1 + i), b0);
+    }
+    if (i < I) {
+      __m512 w0 = _mm512_maskz_loadu_ps(tail, r + i);
+      a1 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + i), a1);
+      b1 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x1 + i), b1);
+    }
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    y[O + o] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  }
+}
+
 static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's float -> bfloat16 (finite f) */
   union { float f; uint32_t u; } v = { f };
   return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
@@ -161,6 +195,9 @@ def _library() -> ctypes.CDLL | None:
     for fn in (lib.moesaic_gemv_f32, lib.moesaic_gemv_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         fn.restype = None
+    lib.moesaic_gemv2_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
+        [ctypes.c_int64] * 3
+    lib.moesaic_gemv2_f32.restype = None
     lib.moesaic_gemv_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.moesaic_gemv_i8.restype = None
     return lib
@@ -172,9 +209,11 @@ def available() -> bool:
 
 
 def usable(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
-    """Whether `gemv(x, w)` applies: one fp32 or bf16 CPU row, a CPU weight of the same dtype whose rows are
-    contiguous, no gradient wanted, torch on one thread (the kernel does not split work across threads)."""
-    return (x_MI.dim() == 2 and x_MI.shape[0] == 1 and x_MI.dtype in _KERNELS and w_OI.dtype == x_MI.dtype
+    """Whether `gemv(x, w)` applies: one fp32 or bf16 CPU row (or two fp32 rows), a CPU weight of the same dtype
+    whose rows are contiguous, no gradient wanted, torch on one thread (the kernels do not split work across
+    threads)."""
+    return (x_MI.dim() == 2 and x_MI.dtype in _KERNELS and w_OI.dtype == x_MI.dtype
+            and (x_MI.shape[0] == 1 or (x_MI.shape[0] == 2 and x_MI.dtype == torch.float32))
             and x_MI.device.type == "cpu" and w_OI.device.type == "cpu" and w_OI.dim() == 2
             and w_OI.shape[1] == x_MI.shape[1] and w_OI.stride(1) == 1 and torch.get_num_threads() == 1
             and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad)) and available())
@@ -183,12 +222,16 @@ def usable(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
 _KERNELS = {torch.float32: "moesaic_gemv_f32", torch.bfloat16: "moesaic_gemv_bf16"}
 
 
-def gemv(x_1I: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x [1, I] @ w [O, I].T -> [1, O] in x's dtype (fp32, or bf16 with fp32 accumulation; check `usable`)."""
-    x = x_1I.contiguous()
-    y = torch.empty((1, w_OI.shape[0]), dtype=x.dtype)
-    getattr(_library(), _KERNELS[x.dtype])(x.data_ptr(), w_OI.data_ptr(), y.data_ptr(), w_OI.shape[0],
-                                           w_OI.shape[1], w_OI.stride(0))
+def gemv(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x [M, I] @ w [O, I].T -> [M, O] in x's dtype, M = 1 (fp32, or bf16 with fp32 accumulation) or 2 (fp32);
+    check `usable` first."""
+    x = x_MI.contiguous()
+    o, i = w_OI.shape
+    y = torch.empty((x.shape[0], o), dtype=x.dtype)
+    if x.shape[0] == 2:
+        _library().moesaic_gemv2_f32(x.data_ptr(), i, w_OI.data_ptr(), y.data_ptr(), o, i, w_OI.stride(0))
+    else:
+        getattr(_library(), _KERNELS[x.dtype])(x.data_ptr(), w_OI.data_ptr(), y.data_ptr(), o, i, w_OI.stride(0))
     return y
 
 
