@@ -29,7 +29,7 @@ coarse shape, batch 1) because each parallel region waits for a descheduled spin
 Float moesaic runs use `Engine(pack_weights=True)` (oneDNN-blocked weight copies; --no-pack
 turns it off; fp32 one-row steps use the plain weights anyway, bf16 uses the copies at every batch).
 THP_MEM_ALLOC_ENABLE=1 (unless the environment sets it): torch backs large tensors with transparent huge
-pages (fewer TLB misses while streaming weights: batch-1 steps 1.08-1.17x faster here); the bandwidth
+pages (fewer TLB misses while streaming weights: batch-1 steps up to 1.1x faster here); the bandwidth
 probe runs under the same setting, so the floor uses the faster huge-page bandwidth too.
 """
 

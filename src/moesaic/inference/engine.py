@@ -51,7 +51,7 @@ class Engine(AsyncEngineMixin):
             pack when it can win (bf16 weights, or max_batch > 1) and the copy needs less than a quarter of
             the memory available now (`inference.quantize.auto_pack`); `unpack_weights(model)` frees them.
         huge_pages: on Linux, move the CPU weights into transparent huge pages first
-            (`inference.hugepages`; batch-1 decode 1.08-1.10x faster here); the model is changed in place.
+            (`inference.hugepages`; batch-1 decode up to 1.1x faster here); the model is changed in place.
         prefill_tokens: new requests are prefilled together, right-padded, up to this many padded tokens
             per forward.
         deterministic: run every row's forward alone so a request's output is bitwise independent of

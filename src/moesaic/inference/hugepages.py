@@ -3,7 +3,7 @@
 A batch-1 decode step streams every weight it uses once from memory; with 4 KiB pages that is one TLB
 miss (a page walk) every 4 KiB, which the hardware prefetcher cannot hide. Backed by 2 MiB pages the
 same GEMVs read faster: on the 2-core Zen 4 VM a 1 GiB fp32 sum went 26.3 -> 32.4 GB/s and batch-1
-decode steps 1.08-1.10x faster (same-process A/B, fp32 and bf16, coarse and fine MoE shapes).
+decode steps 1.00-1.10x faster (same-process A/B, fp32 and bf16, coarse and fine MoE shapes).
 
 Linux's default THP mode ("madvise") gives huge pages only to memory that asks for them, so each
 large parameter / buffer is copied into an anonymous mapping advised with MADV_HUGEPAGE, aligned to
