@@ -178,7 +178,8 @@ def _library() -> ctypes.CDLL | None:
     needed = {"avx512f", "avx512bw", "avx512_bf16"}  # the bf16 kernel's instructions are compiled in too
     if cc is None or platform.system() != "Linux" or platform.machine() != "x86_64" or not needed <= _cpu_flags():
         return None
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, platform.node()]).encode()).hexdigest()[:16]
+    # -march=native: the binary is for this CPU; a cache folder shared by other machines gets one file per CPU
+    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, *sorted(_cpu_flags())]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv_{key}.so"
     try:
         if not path.exists():
