@@ -7,9 +7,10 @@ Shape legend: I input features, O output features (rows of the weight), ld the w
 
 Why: a batch-1 decode step is one GEMV per weight matrix, bound by how fast one core streams the
 weight. On the 2-core Zen 4 VM, with weights in huge pages, oneDNN / MKL read 20-23 GB/s where a plain
-sum reads ~32 GB/s; this kernel (one row at a time, four accumulators, software prefetch 4 KiB ahead)
-reads 24-27 GB/s on the benchmark shapes; in bf16 it reads 20-24 GB/s where oneDNN (over its
-blocked copy) reads 13-18. It is compiled with the system C compiler (`cc`, -O3
+sum reads ~32 GB/s; this kernel (one row at a time, four accumulators, software prefetch 4 KiB ahead into L2)
+reads 28-32 GB/s on the benchmark shapes; in bf16 it reads 26-32 GB/s where oneDNN (over its
+blocked copy) reads 13-18. The prefetches go to L2 (T1): into L1 (T0) they were 5-30% slower, on huge
+pages and on 4 KiB pages alike. It is compiled with the system C compiler (`cc`, -O3
 -march=native) into a cache folder the first time `available()` is asked, and loaded with ctypes
 (the call releases the GIL). Where there is no compiler, no AVX-512 (+ BF16) or no Linux, `available()` is
 False and callers keep oneDNN. It is single-threaded: callers use it only when torch runs one thread.
@@ -43,10 +44,10 @@ void moesaic_gemv_f32(const float* x, const float* w, float* y, int64_t O, int64
     int64_t i = 0;
     for (; i < i64; i += 64) {
       /* prefetch never faults: running past the matrix's end is harmless */
-      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 1056), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 1072), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 1056), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 1072), _MM_HINT_T1);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);
       a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -69,8 +70,8 @@ void moesaic_gemv2_f32(const float* x, int64_t ldx, const float* w, float* y, in
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < i32; i += 32) {
-      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T1);
       __m512 w0 = _mm512_loadu_ps(r + i), w1 = _mm512_loadu_ps(r + i + 16);
       a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
       a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
@@ -106,10 +107,10 @@ void moesaic_gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < i128; i += 128) {
-      _mm_prefetch((const char*)(r + i + 2048), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 2080), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 2112), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r + i + 2144), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 2048), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 2080), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 2112), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 2144), _MM_HINT_T1);
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + i), (__m512bh)_mm512_loadu_si512(x + i));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
       a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
@@ -134,7 +135,7 @@ void moesaic_gemv_i8(const float* x, const int8_t* q, const float* scale, float*
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < i64; i += 64) {
-      _mm_prefetch((const char*)(r + i + 4096), _MM_HINT_T0);
+      _mm_prefetch((const char*)(r + i + 4096), _MM_HINT_T1);
       __m512i v = _mm512_loadu_si512(r + i);
       a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(v))), _mm512_loadu_ps(x + i), a0);
       a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1))),
