@@ -134,12 +134,13 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), huge pages
     (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
-    on_cpu = model.embed.weight.device.type == "cpu"
+    if model.embed.weight.device.type != "cpu":
+        return False  # nothing here applies to GPU weights
     pack = auto_pack(model, max_batch) if pack_weights is None else pack_weights
     # one-row fp32 steps read w2 fastest row-major through the C GEMV, else stored transposed (MKL's x @ W)
     transpose = False if cpu_gemv.available() else (True if pack or max_batch == 1 else None)
     used = onednn and use_onednn(model, transpose_w2=transpose)
-    if huge_pages and on_cpu:
+    if huge_pages:
         move_to_huge_pages(model)
     pack = used and pack
     if pack:
