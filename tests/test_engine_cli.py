@@ -51,6 +51,10 @@ def test_generate_prints_only_text(run_folder):
     res = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "6", "--dtype", "float32",
                                       "--stream"])
     assert res.exit_code == 0 and res.stdout == want + "\n"
+    for flag in ("--pack-weights", "--no-pack-weights"):  # blocked copies or not: the same greedy text
+        res = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "6", "--dtype", "float32",
+                                          flag])
+        assert res.exit_code == 0 and res.stdout == want + "\n", res.output
 
 
 def test_generate_int8_and_experts_per_token(run_folder):

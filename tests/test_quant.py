@@ -150,7 +150,7 @@ def test_onednn_linear_and_backend_match_reference(dtype, tol):
 
 @torch.no_grad()
 def test_onednn_transposed_down_projection_same_values_and_greedy():
-    """use_onednn stores short-row fp32 w2 transposed (same shape and values); the onednn backend then
+    """use_onednn(transpose_w2=True) stores fp32 w2 transposed (same shape and values); the onednn backend then
     runs one-row decode through x @ W and many rows through oneDNN, both equal to the reference, and
     the engine's greedy output still equals the naive full-forward loop."""
     from moesaic.inference.quantize import use_onednn
@@ -175,7 +175,7 @@ def test_onednn_transposed_down_projection_same_values_and_greedy():
     before = [m.experts.w2.detach().clone() for m in model.moe_layers()]
     ref_model = build_model(cfg).eval()
     ref_model.load_state_dict(model.state_dict())
-    assert use_onednn(model)
+    assert use_onednn(model, transpose_w2=True)
     for m, b in zip(model.moe_layers(), before):
         assert m.backend == "onednn" and not m.experts.w2.is_contiguous()
         assert torch.equal(m.experts.w2, b)

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import typer
 
+PACK_HELP = ("keep oneDNN-blocked copies of the float weights (faster bf16 decode; a second copy in memory); "
+             "default: when the weights are bf16 and the copy fits easily in free memory")
 _DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears: bool, backend: str | None,
-            max_batch: int = 1, max_len: int | None = None):
+            max_batch: int = 1, max_len: int | None = None, pack_weights: bool | None = None):
+    import os
+
+    # torch's CPU allocator then backs large tensors (weights as loaded, oneDNN-blocked copies) with transparent
+    # huge pages; it reads this once, at the process's first tensor allocation (none happened before loading)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
 
     from moesaic.checkpoint import load
@@ -32,7 +39,7 @@ def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears:
     model = load(model_dir, dtype=getattr(torch, name))
     tok = Tokenizer.from_folder(model_dir)
     return Engine(model, tok, max_batch=max_batch, max_len=max_len, backend=backend, quantize=quantize,
-                  quantize_linears=quantize_linears)
+                  quantize_linears=quantize_linears, pack_weights=pack_weights)
 
 
 def _cpu_has_bf16() -> bool:
@@ -65,11 +72,12 @@ def generate(model: Path = typer.Argument(..., help="model folder (moesaic run f
              quantize_linears: bool = typer.Option(False, help="with --quantize, also attention/dense/LM head"),
              dtype: str = typer.Option("auto", help="auto (bf16 where the CPU has it), float32, bfloat16"),
              backend: str | None = typer.Option(None, help="MoE kernels backend (default: auto)"),
+             pack_weights: bool | None = typer.Option(None, "--pack-weights/--no-pack-weights", help=PACK_HELP),
              chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template")) -> None:
     """Generate a continuation of PROMPT; only the generated text goes to stdout."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    eng = _engine(model, dtype, quantize, quantize_linears, backend)
+    eng = _engine(model, dtype, quantize, quantize_linears, backend, pack_weights=pack_weights)
     params = _params(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
                      experts_per_token)
     text_or_ids = _chat_ids(eng.tokenizer, [{"role": "user", "content": prompt}]) if chat else prompt
@@ -106,9 +114,10 @@ def chat(model: Path = typer.Argument(..., help="model folder (moesaic run folde
          system: str | None = typer.Option(None, help="system message"),
          experts_per_token: int | None = typer.Option(None),
          quantize: str | None = typer.Option(None, help="int8: int8 weight-only expert weights"),
-         dtype: str = typer.Option("auto", help="auto, float32, bfloat16")) -> None:
+         dtype: str = typer.Option("auto", help="auto, float32, bfloat16"),
+         pack_weights: bool | None = typer.Option(None, "--pack-weights/--no-pack-weights", help=PACK_HELP)) -> None:
     """Interactive chat (uses the chat template when the model has one). An empty line or EOF quits."""
-    eng = _engine(model, dtype, quantize, False, None)
+    eng = _engine(model, dtype, quantize, False, None, pack_weights=pack_weights)
     params = _params(max_tokens, temperature, top_p, 0, 0.0, 1.0, seed, [], experts_per_token)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:

@@ -95,9 +95,10 @@ class SlotView:
         return self._pos_cache[t]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
-        mask [B, 1, T, S] (True where a query may attend: causal within its own row)."""
+        mask [B, 1, T, S] (True where a query may attend: causal within its own row), or None when
+        T = 1 and every row has the same length (nothing to mask)."""
         b, _, t, _ = k.shape
         _, end, mask, flat_idx = self._step_info(t)
         kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]  # [N, M, H, D]
@@ -112,18 +113,23 @@ class SlotView:
             k_all, v_all = kbuf[:, :end].index_select(0, self._idx), vbuf[:, :end].index_select(0, self._idx)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), mask
 
-    def _step_info(self, t: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-        """(positions [B, T], key length S, mask [B, 1, T, S], flat write rows [B*T] of the [N*M] view):
+    def _step_info(self, t: int) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor]:
+        """(positions [B, T], key length S, mask [B, 1, T, S] or None, flat write rows [B*T] of the [N*M] view):
         the same for every layer of a forward."""
         key = -t - 1
         if key not in self._pos_cache:
             pos_BT = self.positions(t)
-            end = int(pos_BT[:, -1].max()) + 1
+            lo, hi = torch.stack(torch.aminmax(pos_BT[:, -1])).tolist()  # one host sync
+            end = hi + 1
             if end > self.cache.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
-            key_pos = torch.arange(end, device=pos_BT.device)
             flat = (self._idx[:, None] * self.cache.max_len + pos_BT).reshape(-1)
-            self._pos_cache[key] = (pos_BT, end, (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None], flat)
+            if t == 1 and lo == hi:
+                mask = None  # one new token per row and equal lengths: every query sees all `end` keys
+            else:
+                key_pos = torch.arange(end, device=pos_BT.device)
+                mask = (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None]
+            self._pos_cache[key] = (pos_BT, end, mask, flat)
         return self._pos_cache[key]
 
     def advance(self, t: int) -> None:

@@ -46,10 +46,13 @@ class Engine(AsyncEngineMixin):
         onednn: on CPU, run float linears and experts through oneDNN (`inference.quantize.use_onednn`;
             MKL's fp32 matmuls read weights at about half the bandwidth here); the model is changed in place.
         pack_weights: with onednn, also keep oneDNN-blocked copies of the float expert and linear weights
-            for batched steps (1.2-1.5x faster decode at batch 8-32 on this CPU; costs a second copy of the
-            weights in memory, so it is off by default); in bf16 it also speeds up batch 1 (1.4-1.5x: oneDNN's
-            bf16 one-row kernel is much faster on blocked weights); fp32 one-row steps keep the plain weights;
-            `inference.quantize.unpack_weights(model)` frees the copies).
+            for batched steps (1.2-1.5x faster decode at batch 8-32 on this CPU) and bf16 one-row steps
+            (1.4-1.5x: oneDNN's bf16 one-row kernel is much faster on blocked weights; fp32 one-row steps
+            keep the plain weights). They cost a second copy of those weights in memory. None (default):
+            pack when it can win (bf16 weights, or max_batch > 1) and the copy needs less than a quarter of
+            the memory available now (`inference.quantize.auto_pack`); `unpack_weights(model)` frees them.
+        huge_pages: on Linux, move the CPU weights into transparent huge pages first
+            (`inference.hugepages`; batch-1 decode up to 1.1x faster here); the model is changed in place.
         prefill_tokens: new requests are prefilled together, right-padded, up to this many padded tokens
             per forward.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
@@ -61,7 +64,8 @@ class Engine(AsyncEngineMixin):
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, quantize: str | None = None,
                  quantize_linears: bool = False, deterministic: bool = False, onednn: bool = True,
-                 prefill_tokens: int = 2048, pack_weights: bool = False, cuda_graphs: bool | None = None) -> None:
+                 prefill_tokens: int = 2048, pack_weights: bool | None = None, huge_pages: bool = True,
+                 cuda_graphs: bool | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"Engine max_batch must be an integer >= 1, got {max_batch!r}")
         cfg = model.config
@@ -85,10 +89,10 @@ class Engine(AsyncEngineMixin):
             quantize_model(self.model, quantize, linears=quantize_linears)
         if backend is not None:
             self.model.set_moe_backend(backend)
-        if onednn:
-            from moesaic.inference.quantize import use_onednn
+        from moesaic.inference.quantize import prepare_cpu_weights
 
-            use_onednn(self.model, pack_weights=pack_weights)
+        self.packed = prepare_cpu_weights(self.model, onednn=onednn, pack_weights=pack_weights,
+                                          huge_pages=huge_pages, max_batch=max_batch)
         self.tokenizer = tokenizer
         self.deterministic = deterministic
         self.prefill_tokens = prefill_tokens

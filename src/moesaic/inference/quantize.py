@@ -9,9 +9,13 @@ logits choose experts, and they are tiny.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from moesaic.inference.hugepages import move_to_huge_pages
+from moesaic.kernels import cpu_gemv
 from moesaic.kernels.quant import (
     _ONEDNN_MIN_WEIGHT,
     Int8Experts,
@@ -50,15 +54,18 @@ def _swap_linears(module: nn.Module) -> None:
             _swap_linears(child)
 
 
-def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
+def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool | None = None) -> bool:
     """Route a CPU float model's linears and experts through oneDNN (inference only); returns whether it did.
 
     Plain nn.Linear layers (not routers) become `OneDNNLinear` (same parameters and state dict); MoE
     layers on "auto" get the `onednn` kernels backend. Int8 layers are left as they are.
-    fp32 experts with short down-projection rows (F <= 1024, fine-grained experts) keep w2's values and
-    shape but are stored transposed (`kernels.quant.transpose_for_gemv`): the one-row decode matmul
-    reads them ~1.5x faster that way (measured: fine-64x8 batch-1 steps 1.11x faster, batch 8 1.06x;
-    coarse F=2816 experts lose at batch 8, bf16 gains nothing, so those keep their layout).
+    transpose_w2 (None: fp32 experts with short down-projection rows, F <= 1024, unless the C GEMV
+    `kernels.cpu_gemv` is built, which reads the plain layout faster still; True: every fp32 expert;
+    False: none): fp32 w2 keeps its values and shape but is stored transposed
+    (`kernels.quant.transpose_for_gemv`): the one-row decode matmul reads them faster that way through
+    MKL's x @ W (fine-64x8 batch-1 steps 1.11x, batch 8 1.06x; coarse F=2816 rows: 1.05x at batch 1 and
+    1.03x at batch 8 with blocked copies, on huge pages, but a loss at batch 8 without blocked copies,
+    which is why the engine asks for it only when it packs or runs one row; bf16 gains nothing).
     pack_weights: also keep oneDNN-blocked copies of the float expert matrices and linears
     (`kernels.quant.pack_onednn`) for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.4-1.5x
     (batch 32) faster decode steps, and bf16 batch-1 steps 1.4-1.5x, at the cost of a second copy of those
@@ -75,16 +82,70 @@ def use_onednn(model: nn.Module, pack_weights: bool = False) -> bool:
             layer.backend = "onednn"
         w2 = layer.experts.w2
         if (layer.backend == "onednn" and isinstance(w2, torch.Tensor) and w2.dtype == torch.float32
-                and w2.shape[-1] <= 1024 and w2.is_contiguous()):
+                and w2.is_contiguous() and (transpose_w2 if transpose_w2 is not None
+                                            else w2.shape[-1] <= 1024 and not cpu_gemv.available())):
             w2.data = transpose_for_gemv(w2.data)
-        if pack_weights and layer.backend == "onednn" and isinstance(w2, torch.Tensor):
-            _pack(layer.experts.w13)
-            _pack(w2)
     if pack_weights:
-        for mod in model.modules():
-            if isinstance(mod, OneDNNLinear) and mod.weight.numel() >= _ONEDNN_MIN_WEIGHT:
-                _pack(mod.weight)
+        pack_weights_onednn(model)
     return True
+
+
+def pack_weights_onednn(model: nn.Module) -> None:
+    """Attach oneDNN-blocked copies (`kernels.quant.pack_onednn`) to the float experts of MoE layers on the
+    `onednn` backend and to the `OneDNNLinear` weights (after `use_onednn`; again after moving weights)."""
+    for layer in model.moe_layers():
+        if layer.backend == "onednn" and isinstance(layer.experts.w2, torch.Tensor):
+            _pack(layer.experts.w13)
+            _pack(layer.experts.w2)
+    for mod in model.modules():
+        if isinstance(mod, OneDNNLinear) and mod.weight.numel() >= _ONEDNN_MIN_WEIGHT:
+            _pack(mod.weight)
+
+
+def auto_pack(model: nn.Module, max_batch: int) -> bool:
+    """Whether blocked copies pay here: they speed up multi-row steps and bf16 one-row steps through oneDNN
+    (not fp32 one-row steps, nor one-row steps through `kernels.cpu_gemv` on one thread), and cost a second
+    copy of the float weights, which must take < 1/4 of available memory."""
+    p = model.embed.weight
+    one_row_gemv = cpu_gemv.available() and torch.get_num_threads() == 1  # one-row steps use the C GEMV
+    if max_batch == 1 and (p.dtype != torch.bfloat16 or one_row_gemv):
+        return False
+    float_bytes = sum(t.numel() * t.element_size() for t in model.parameters() if t.dtype.is_floating_point)
+    return float_bytes < available_memory() / 4
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the physical memory; 0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,
+                        huge_pages: bool = True, max_batch: int = 1) -> bool:
+    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), huge pages
+    (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
+    blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
+    if model.embed.weight.device.type != "cpu":
+        return False  # nothing here applies to GPU weights
+    pack = auto_pack(model, max_batch) if pack_weights is None else pack_weights
+    # one-row fp32 steps read w2 fastest row-major through the C GEMV, else stored transposed (MKL's x @ W)
+    transpose = False if cpu_gemv.available() else (True if pack or max_batch == 1 else None)
+    used = onednn and use_onednn(model, transpose_w2=transpose)
+    if huge_pages:
+        move_to_huge_pages(model)
+    pack = used and pack
+    if pack:
+        pack_weights_onednn(model)
+    return bool(pack)
 
 
 def unpack_weights(model: nn.Module) -> None:

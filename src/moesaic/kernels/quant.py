@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moesaic.kernels import cpu_gemv
 from moesaic.kernels.reference import swiglu
 from moesaic.kernels.sorted import sort_by_expert
 
@@ -48,6 +49,9 @@ def _fast_int8_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
 
 def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
     """y = x @ (q * scale[:, None]).T, returned in x's dtype."""
+    if (x_MI.shape[0] == 1 and x_MI.device.type == "cpu" and q_OI.stride(-1) == 1 and torch.get_num_threads() == 1
+            and not torch.is_grad_enabled() and cpu_gemv.available()):
+        return cpu_gemv.gemv_int8(x_MI, q_OI, scale_O)  # one row: the C kernel reads int8 rows ~1.3x faster
     if _fast_int8_ok(x_MI, q_OI):
         y = torch._weight_int8pack_mm(x_MI.to(torch.bfloat16).contiguous(), q_OI, scale_O.to(torch.bfloat16))
         return y.to(x_MI.dtype)
@@ -174,6 +178,25 @@ def _onednn_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.
     return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], "")
 
 
+def _gemv_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's matmul on one torch thread: one row (fp32 / bf16) or two fp32 rows through `cpu_gemv`
+    (weight rows contiguous; a transposed fp32 weight at one row: MKL's x @ W), more rows through oneDNN."""
+    m = x_MI.shape[0]
+    if m > 2 or (m == 2 and x_MI.dtype != torch.float32):
+        return _onednn_expert_linear(x_MI, w, e)
+    w_OI = w[e]
+    if w_OI.stride(1) == 1:
+        return cpu_gemv.gemv(x_MI, w_OI)
+    return torch.mm(x_MI, w_OI.t()) if m == 1 else _onednn_expert_linear(x_MI, w, e)
+
+
+def _one_thread_gemv(x_MI: torch.Tensor) -> bool:
+    """fp32 / bf16 on one torch thread with the C kernels built: `cpu_gemv` reads weights 1.1-1.7x faster than
+    oneDNN / MKL at one row, 1.4-1.9x at two fp32 rows (the caller has checked device, weight dtype, autograd)."""
+    return (x_MI.dtype in (torch.float32, torch.bfloat16) and torch.get_num_threads() == 1
+            and cpu_gemv.available())
+
+
 PACKED_ATTR = "_moesaic_onednn_packed"  # oneDNN-blocked copies (per expert, or one per linear) on a weight
 
 
@@ -217,7 +240,7 @@ def _expert_matmul(hidden_TD: torch.Tensor, w13_EGD, w2_EDF):
             and onednn_available() and onednn_supports(hidden_TD, w13_EGD) and w2_EDF.dtype == hidden_TD.dtype
             and not (torch.is_grad_enabled() and w2_EDF.requires_grad)
             and min(w13_EGD[0].numel(), w2_EDF[0].numel()) >= _ONEDNN_MIN_WEIGHT):
-        return _onednn_expert_linear
+        return _gemv_expert_linear if _one_thread_gemv(hidden_TD) else _onednn_expert_linear
     return _expert_linear
 
 
@@ -251,6 +274,9 @@ def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | No
     """x @ w.T (+ bias): oneDNN on CPU for inference, F.linear otherwise (same numbers up to fp32 rounding)."""
     if x_MI.dim() == 2 and x_MI.shape[0] > 0 and w_OI.numel() >= _ONEDNN_MIN_WEIGHT and onednn_available() \
             and onednn_supports(x_MI, w_OI) and (bias_O is None or bias_O.dtype == x_MI.dtype):
+        if w_OI.stride(-1) == 1 and cpu_gemv.usable(x_MI, w_OI):
+            y = cpu_gemv.gemv(x_MI, w_OI)
+            return y if bias_O is None else y.add_(bias_O)
         packed = _packed(w_OI) if x_MI.shape[0] > 1 or x_MI.dtype == torch.bfloat16 else None
         return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI if packed is None else packed, bias_O, "none", [], "")
     return F.linear(x_MI, w_OI, bias_O)

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, times `weight` (any shape that broadcasts against x).
+
+    The statistic is computed in fp32 and the normalised values are cast back to x's dtype before
+    the weight multiplies them (transformers' order). fp32 with a [D] weight is torch's one fused
+    call; otherwise F.rms_norm without weight, then the multiply (bf16, or per-head weights [H, Dh]).
+    """
+    d = x.shape[-1]
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
+        return F.rms_norm(x, (d,), weight, eps)
+    return weight * F.rms_norm(x.float(), (d,), None, eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +29,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)

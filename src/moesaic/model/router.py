@@ -92,6 +92,9 @@ class Router(nn.Module, ABC):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         return F.linear(x_TD.float(), self.weight.float())
 
+    def _scaled(self, w_TK: torch.Tensor) -> torch.Tensor:
+        return w_TK if self.scale == 1.0 else w_TK * self.scale  # decode runs this per layer and step
+
     @abstractmethod
     def select(self, logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights_TK, ids_TK, probs_TE for the balance loss)."""
@@ -137,7 +140,7 @@ class SoftmaxTopK(Router):
         w, ids = probs.topk(k, dim=-1)
         if self.normalize:
             w = w / w.sum(-1, keepdim=True)
-        return w * self.scale, ids, probs
+        return self._scaled(w), ids, probs
 
 
 class SwitchTop1(Router):
@@ -147,7 +150,7 @@ class SwitchTop1(Router):
     def select(self, logits_TE, k):
         probs = logits_TE.softmax(-1)
         w, ids = probs.topk(k, dim=-1)
-        return w * self.scale, ids, probs
+        return self._scaled(w), ids, probs
 
 
 class SigmoidTopK(Router):
@@ -170,7 +173,7 @@ class SigmoidTopK(Router):
         if self.normalize:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         probs = scores / scores.sum(-1, keepdim=True)
-        return w * self.scale, ids, probs
+        return self._scaled(w), ids, probs
 
 
 def _limit_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
