@@ -37,10 +37,10 @@ to it (validation loss vs steps and vs training FLOPs, one line per model/seed a
     python benchmarks/quality.py --device cpu --parallel 2 --threads 1 --steps 100 --batch-size 16 \
         --seq-len 128 --lrs 2e-3,4e-3 --seeds 0,1,2 --eval-every 10 --eval-windows 32 \
         --json benchmarks/results/quality_cpu.json
-    # H200 (see docs/training.md for the exact command of the published table)
-    python benchmarks/quality.py --preset h200 --device cuda --steps 1500 --batch-size 32 --seq-len 512 \
-        --lrs 1.5e-3,3e-3 --seeds 0,1,2 --budget-fractions 0.7 --data builtin:large --max-chars 150000000 \
-        --models moe,dense --parallel 12 --json /tmp/q/quality_h200.json
+    # H200, 4 GPUs (benchmarks/results/quality_h200.json; docs/training.md)
+    python benchmarks/quality.py --preset h200 --device cuda --steps 2500 --batch-size 32 --seq-len 512 \
+        --lrs 1.5e-3,3e-3 --seeds 0,1,2 --budget-fractions 0.7 --eval-every 250 --eval-windows 128 \
+        --data builtin:large --max-chars 150000000 --models moe,dense --parallel 6 --json /tmp/q/quality_h200.json
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def write_plot(results: list[dict], best: dict, png: Path) -> bool:
         for r in sorted((r for r in results if r["model"] == m and r["lr"] == b["lr"]), key=lambda r: r["seed"]):
             s, v = zip(*r["val_curve"])
             kw = dict(color=colors[i % len(colors)], ls=styles[seeds.index(r["seed"]) % len(styles)],
-                      marker=".", ms=4, lw=1.3, label=f"{m} (lr {b['lr']:.0e}) seed {r['seed']}")
+                      marker=".", ms=4, lw=1.3, label=f"{m} (lr {b['lr']:.2g}) seed {r['seed']}")
             axes[0].plot(s, v, **kw)
             axes[1].plot([x * r["tokens_per_step"] * r["flops_per_token"] for x in s], v, **kw)
     if "dense" in best:
