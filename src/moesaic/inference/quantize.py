@@ -9,8 +9,6 @@ logits choose experts, and they are tiny.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -26,6 +24,7 @@ from moesaic.kernels.quant import (
     unpack_onednn,
 )
 from moesaic.kernels.quant import pack_onednn as _pack
+from moesaic.memory import available_memory
 
 SCHEMES = ("int8",)
 
@@ -111,22 +110,7 @@ def auto_pack(model: nn.Module, max_batch: int) -> bool:
     if max_batch == 1 and (p.dtype != torch.bfloat16 or one_row_gemv):
         return False
     float_bytes = sum(t.numel() * t.element_size() for t in model.parameters() if t.dtype.is_floating_point)
-    return float_bytes < available_memory() / 4
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (Linux: MemAvailable; elsewhere the physical memory; 0 if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return float_bytes < (available_memory() or 0) / 4
 
 
 def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,

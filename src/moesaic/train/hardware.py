@@ -8,6 +8,7 @@ import functools
 import torch
 
 from moesaic.config import ModelConfig
+from moesaic.memory import available_memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,14 +50,7 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return available_memory()
 
 
 def check_fits(cfg: ModelConfig, micro_batch: int, seq_len: int, device: torch.device) -> None:
