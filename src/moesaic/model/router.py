@@ -50,8 +50,10 @@ class RouterOutput:
 
     @cached_property
     def counts_E(self) -> torch.Tensor:
-        ids = self.expert_ids_TK
-        return torch.bincount(ids[ids >= 0], minlength=self.logits_TE.shape[-1])
+        ids = self.expert_ids_TK.reshape(-1)
+        counts = torch.zeros(self.logits_TE.shape[-1], dtype=torch.long, device=ids.device)
+        # scatter, not bincount(ids[ids >= 0]): the mask and bincount each wait for the GPU (3 syncs a layer)
+        return counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
 
     def _masked(self, x_T: torch.Tensor) -> torch.Tensor:
         return x_T if self.valid_T is None else x_T * self.valid_T.to(x_T.dtype).view(-1, *[1] * (x_T.dim() - 1))

@@ -57,8 +57,11 @@ class StepStats:
     @property
     def imbalance(self) -> float:
         """max/mean expert load, worst MoE layer (1.0 = balanced; 1.0 for dense models)."""
-        vals = [float(c.max() / c.float().mean()) for c in self.counts_LE if float(c.sum()) > 0]
-        return max(vals) if vals else 1.0
+        if not self.counts_LE:
+            return 1.0
+        c = torch.stack(self.counts_LE).float()  # [L, E]; one device->host copy for all layers
+        ratio = torch.where(c.sum(1) > 0, c.max(1).values / c.mean(1).clamp(min=1e-30), torch.ones_like(c[:, 0]))
+        return float(ratio.max())
 
     @property
     def dropped_fraction(self) -> float:
@@ -128,9 +131,10 @@ def forward_backward(model, micro_batches: list[MicroBatch], autocast=contextlib
                 router_term = router_term + z_coef * z_loss(r.z_sum, st.n_tokens)
         (lm + router_term).backward()
         st.lm_loss += float(lm.detach())
-    for c, p, z in zip(st.counts_LE, prob_sums, z_sums):
-        st.aux_loss += float(load_balance_loss(c, p, st.n_tokens, st.top_k))
-        st.z_loss += float(z_loss(z, st.n_tokens))
+    if st.counts_LE:  # one device->host copy for all layers (not two per layer)
+        aux = torch.stack([load_balance_loss(c, p, st.n_tokens, st.top_k) for c, p in zip(st.counts_LE, prob_sums)])
+        zs = torch.stack([z_loss(z, st.n_tokens) for z in z_sums])
+        st.aux_loss, st.z_loss = torch.stack([aux.sum(), zs.sum()]).tolist()
     st.total_loss = st.lm_loss + aux_coef * st.aux_loss + z_coef * st.z_loss
     return st
 
