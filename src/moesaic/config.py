@@ -243,7 +243,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
                  ffn=128, num_experts=8, top_k=2, expert_ffn=64),
     # CPU training, and the default recipe (docs/training.md): 16 fine-grained experts top-2 plus one shared
-    # expert; sigmoid router with loss-free balancing (no aux loss), weights normalised then x2.5.
+    # expert; sigmoid router with loss-free balancing (bias rate 1e-2) plus the default aux loss 0.01, x2.5.
     "small": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
                   ffn=1024, num_experts=16, top_k=2, expert_ffn=256, num_shared_experts=1,
                   router="sigmoid_topk", bias_update_rate=1e-2, routed_scaling_factor=2.5),
