@@ -135,7 +135,7 @@ def test_onednn_backend_with_gemv_matches_reference(t, dtype, tol):
     """One-row calls go through the C GEMV (plain and transposed w2), two fp32 rows per expert through the
     two-row kernel (t=2 routes both tokens to experts 0 and 1), more rows through oneDNN."""
     from moesaic import kernels
-    from moesaic.kernels.quant import transpose_for_gemv
+    from moesaic.kernels.onednn import transpose_for_gemv
     from moesaic.kernels.reference import moe_experts_reference
 
     w13, w2 = (torch.randn(4, 512, 256) * 0.05).to(dtype), (torch.randn(4, 256, 256) * 0.05).to(dtype)
@@ -151,7 +151,7 @@ def test_onednn_backend_with_gemv_matches_reference(t, dtype, tol):
 
 @needs_gemv
 def test_onednn_linear_one_row_with_bias_matches_linear():
-    from moesaic.kernels.quant import cpu_linear
+    from moesaic.kernels.onednn import cpu_linear
 
     w, b, x = torch.randn(300, 256), torch.randn(300), torch.randn(1, 256)  # >= 65536 weights: the fast path
     with torch.inference_mode():

@@ -126,7 +126,8 @@ def test_engine_quantize_option_and_bad_scheme():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_onednn_linear_and_backend_match_reference(dtype, tol):
-    from moesaic.kernels.quant import OneDNNLinear, cpu_linear, onednn_available
+    from moesaic.kernels.onednn import cpu_linear, onednn_available
+    from moesaic.kernels.quant import OneDNNLinear
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch build")
@@ -154,7 +155,7 @@ def test_onednn_transposed_down_projection_same_values_and_greedy():
     runs one-row decode through x @ W and many rows through oneDNN, both equal to the reference, and
     the engine's greedy output still equals the naive full-forward loop."""
     from moesaic.inference.quantize import use_onednn
-    from moesaic.kernels.quant import onednn_available, transpose_for_gemv
+    from moesaic.kernels.onednn import onednn_available, transpose_for_gemv
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch build")
@@ -193,7 +194,7 @@ def test_onednn_transposed_down_projection_same_values_and_greedy():
 def test_packed_experts_match_reference_and_never_go_stale(dtype, tol):
     """oneDNN-blocked expert copies give the reference's numbers for multi-row calls; a weight whose
     storage changed (here: a new tensor assigned to .data) falls back to the plain path."""
-    from moesaic.kernels.quant import PACKED_ATTR, onednn_available, pack_onednn, unpack_onednn
+    from moesaic.kernels.onednn import PACKED_ATTR, onednn_available, pack_onednn, unpack_onednn
 
     if not onednn_available():
         pytest.skip("no oneDNN in this torch build")
@@ -230,10 +231,11 @@ def test_engine_pack_weights_greedy_matches_naive_loop():
     ref_model = build_model(cfg).eval()
     ref_model.load_state_dict(model.state_dict())
     eng = Engine(model, max_batch=3, pack_weights=True)
-    from moesaic.kernels.quant import PACKED_ATTR
+    from moesaic.kernels.onednn import PACKED_ATTR
 
     assert all(hasattr(m.experts.w13, PACKED_ATTR) for m in model.moe_layers())
-    from moesaic.kernels.quant import _ONEDNN_MIN_WEIGHT, OneDNNLinear
+    from moesaic.kernels.onednn import _ONEDNN_MIN_WEIGHT
+    from moesaic.kernels.quant import OneDNNLinear
 
     lins = [m.weight for m in model.modules() if isinstance(m, OneDNNLinear)]
     assert any(w.numel() >= _ONEDNN_MIN_WEIGHT for w in lins)  # big linears packed, tiny ones left plain

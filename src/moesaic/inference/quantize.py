@@ -14,16 +14,9 @@ from torch import nn
 
 from moesaic.inference.hugepages import move_to_huge_pages
 from moesaic.kernels import cpu_gemv
-from moesaic.kernels.quant import (
-    _ONEDNN_MIN_WEIGHT,
-    Int8Experts,
-    Int8Linear,
-    OneDNNLinear,
-    onednn_available,
-    transpose_for_gemv,
-    unpack_onednn,
-)
-from moesaic.kernels.quant import pack_onednn as _pack
+from moesaic.kernels.onednn import _ONEDNN_MIN_WEIGHT, onednn_available, transpose_for_gemv, unpack_onednn
+from moesaic.kernels.onednn import pack_onednn as _pack
+from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear
 from moesaic.memory import available_memory
 
 SCHEMES = ("int8",)
@@ -61,12 +54,12 @@ def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool 
     transpose_w2 (None: fp32 experts with short down-projection rows, F <= 1024, unless the C GEMV
     `kernels.cpu_gemv` is built, which reads the plain layout faster still; True: every fp32 expert;
     False: none): fp32 w2 keeps its values and shape but is stored transposed
-    (`kernels.quant.transpose_for_gemv`): the one-row decode matmul reads them faster that way through
+    (`kernels.onednn.transpose_for_gemv`): the one-row decode matmul reads them faster that way through
     MKL's x @ W (fine-64x8 batch-1 steps 1.11x, batch 8 1.06x; coarse F=2816 rows: 1.05x at batch 1 and
     1.03x at batch 8 with blocked copies, on huge pages, but a loss at batch 8 without blocked copies,
     which is why the engine asks for it only when it packs or runs one row; bf16 gains nothing).
     pack_weights: also keep oneDNN-blocked copies of the float expert matrices and linears
-    (`kernels.quant.pack_onednn`) for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.4-1.5x
+    (`kernels.onednn.pack_onednn`) for the multi-row matmuls of batched steps: 1.2x (batch 8) to 1.4-1.5x
     (batch 32) faster decode steps, and bf16 batch-1 steps 1.4-1.5x, at the cost of a second copy of those
     weights in memory.
     """
@@ -90,7 +83,7 @@ def use_onednn(model: nn.Module, pack_weights: bool = False, transpose_w2: bool 
 
 
 def pack_weights_onednn(model: nn.Module) -> None:
-    """Attach oneDNN-blocked copies (`kernels.quant.pack_onednn`) to the float experts of MoE layers on the
+    """Attach oneDNN-blocked copies (`kernels.onednn.pack_onednn`) to the float experts of MoE layers on the
     `onednn` backend and to the `OneDNNLinear` weights (after `use_onednn`; again after moving weights)."""
     for layer in model.moe_layers():
         if layer.backend == "onednn" and isinstance(layer.experts.w2, torch.Tensor):

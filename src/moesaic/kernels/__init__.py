@@ -145,12 +145,12 @@ def _register_builtin() -> None:
     from moesaic.kernels import triton as tb  # lazy: Triton itself loads on the first call
 
     register(Backend("triton", tb.moe_experts_triton, available=tb.available, supports=tb.supports, priority=20))
-    from moesaic.kernels import quant  # int8 weight-only experts (inference); only for Int8Weight inputs
+    from moesaic.kernels import onednn, quant  # int8 weight-only / oneDNN float experts (inference)
 
     register(Backend("int8", quant.moe_experts_int8, supports=lambda h, w: isinstance(w, quant.Int8Weight),
                      priority=30))
-    register(Backend("onednn", quant.moe_experts_onednn, available=quant.onednn_available,
-                     supports=quant.onednn_supports, priority=5))  # inference only: the engine picks it
+    register(Backend("onednn", quant.moe_experts_onednn, available=onednn.onednn_available,
+                     supports=onednn.onednn_supports, priority=5))  # inference only: the engine picks it
     # importing the submodule bound `sorted` in this package's namespace, shadowing the builtin
     globals().pop("sorted", None)
 
