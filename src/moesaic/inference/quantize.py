@@ -96,10 +96,10 @@ def pack_weights_onednn(model: nn.Module) -> None:
 
 def auto_pack(model: nn.Module, max_batch: int) -> bool:
     """Whether blocked copies pay here: they speed up multi-row steps and bf16 one-row steps through oneDNN
-    (not fp32 one-row steps, nor one-row steps through `kernels.cpu_gemv` on one thread), and cost a second
+    (not fp32 one-row steps, nor one-row steps through `kernels.cpu_gemv`), and cost a second
     copy of the float weights, which must take < 1/4 of available memory."""
     p = model.embed.weight
-    one_row_gemv = cpu_gemv.available() and torch.get_num_threads() == 1  # one-row steps use the C GEMV
+    one_row_gemv = cpu_gemv.available()  # one-row steps use the C GEMV
     if max_batch == 1 and (p.dtype != torch.bfloat16 or one_row_gemv):
         return False
     float_bytes = sum(t.numel() * t.element_size() for t in model.parameters() if t.dtype.is_floating_point)

@@ -37,7 +37,7 @@ def gemv_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.Ten
     """Expert e's matmul on one torch thread: one row (fp32 / bf16) or two fp32 rows through `cpu_gemv`
     (weight rows contiguous; a transposed fp32 weight at one row: MKL's x @ W), more rows through oneDNN."""
     m = x_MI.shape[0]
-    if m > 2 or (m == 2 and x_MI.dtype != torch.float32):
+    if not cpu_gemv.rows_ok(m) or (m == 2 and x_MI.dtype != torch.float32):
         return onednn_expert_linear(x_MI, w, e)
     w_OI = w[e]
     if w_OI.stride(1) == 1:
@@ -46,10 +46,10 @@ def gemv_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.Ten
 
 
 def one_thread_gemv(x_MI: torch.Tensor) -> bool:
-    """fp32 / bf16 on one torch thread with the C kernels built: `cpu_gemv` reads weights 1.1-1.7x faster than
-    oneDNN / MKL at one row, 1.4-1.9x at two fp32 rows (the caller has checked device, weight dtype, autograd)."""
-    return (x_MI.dtype in (torch.float32, torch.bfloat16) and torch.get_num_threads() == 1
-            and cpu_gemv.available())
+    """fp32 / bf16 with the C kernels built: `cpu_gemv` reads weights 1.1-1.7x faster than oneDNN / MKL at one
+    row, 1.4-1.9x at two fp32 rows on one thread (`cpu_gemv.rows_ok` says which row counts go there; the caller
+    has checked device, weight dtype, autograd)."""
+    return x_MI.dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()
 
 
 PACKED_ATTR = "_moesaic_onednn_packed"  # oneDNN-blocked copies (per expert, or one per linear) on a weight
