@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session on one H200, most valuable first, everything logged and written under OUTDIR:
+#   f) benchmarks/engine_step_gpu.py: the engine's graphed decode step alone (first: 30 s)
 #   a) pytest -m gpu: the CUDA-graph decode tests and the Triton kernel tests at full sizes
 #   b) benchmarks/decode_gpu.py: Engine (CUDA graphs on/off) vs transformers generate, Mixtral-shaped
 #   c) benchmarks/moe_layer.py --train: the MoE layer grid (+ fwd/bwd vs sorted), shorter repeats
@@ -41,6 +42,8 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under timeout (capped by what is l
   $PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/env.log"
 
+# the engine's decode step alone (~30 s): decode_gpu.py's steps should come out close to this on a quiet machine
+part f_engine_step 60 $PY benchmarks/engine_step_gpu.py
 part a_pytest_gpu 110 $PY -m pytest -o addopts= -m gpu -v --tb=short -p no:cacheprovider tests/test_graphs.py tests/test_triton.py
 part b_decode_gpu 240 $PY benchmarks/decode_gpu.py --device cuda --layers 8 --batches 1 8 --out "$OUT/decode_gpu_h200.json"
 part c_moe_layer 170 $PY benchmarks/moe_layer.py --device cuda --train --rep-ms 30 --json "$OUT/moe_layer_h200.json"
@@ -54,6 +57,7 @@ ls -la "$OUT"
   echo "== summary"
   grep -hE "^=+ .*(passed|failed|error|skipped)" "$OUT/a_pytest_gpu.log" 2>/dev/null | tail -n 2
   grep -hE "FAILED|ERROR " "$OUT/a_pytest_gpu.log" 2>/dev/null | head -n 10
+  grep -hE "decode step median" "$OUT/f_engine_step.log" 2>/dev/null
   for f in "$OUT"/b_decode_gpu.log "$OUT"/e_decode_gpu_32.log; do
     [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -hE "^# (B=|NVIDIA|transformers)|^# .*TB/s" "$f"; }
   done
