@@ -70,6 +70,14 @@ MOE_FIELDS = ("num_experts", "top_k", "expert_ffn", "num_shared_experts", "share
               "first_dense_layers", "capacity_factor")
 
 
+# How tokens are routed and balanced, apart from the expert shapes (every other routing field is reset to
+# ModelConfig's default by `model_config`)
+ROUTING = {"softmax-aux": dict(router="softmax_topk", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=0.0,
+                               routed_scaling_factor=1.0, normalize_topk=True),
+           "sigmoid-lossfree": dict(router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
+                                    routed_scaling_factor=2.5, normalize_topk=True)}
+
+
 def recipes(active_ffn: int) -> dict[str, dict]:
     """MoE recipes with active FFN width `active_ffn` (routed top_k * width + shared width)."""
     a = active_ffn
@@ -79,18 +87,9 @@ def recipes(active_ffn: int) -> dict[str, dict]:
     return {
         "mixtral": dict(num_experts=8, top_k=2, expert_ffn=a // 2, num_shared_experts=0, shared_ffn=0,
                         aux_loss_coef=0.01, z_loss_coef=0.0),
-        "fine-shared": dict(fine, aux_loss_coef=0.01, z_loss_coef=1e-3),
-        "fine-sigmoid": dict(fine, router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0,
-                             bias_update_rate=1e-3, routed_scaling_factor=2.5),
+        "fine-shared": dict(fine, **ROUTING["softmax-aux"]),
+        "fine-sigmoid": dict(fine, **ROUTING["sigmoid-lossfree"]),
     }
-
-
-def routing_recipes() -> dict[str, dict]:
-    """Recipes that keep the preset's expert shapes and change only how tokens are routed and balanced."""
-    return {"softmax-aux": dict(router="softmax_topk", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=0.0,
-                                routed_scaling_factor=1.0, normalize_topk=True),
-            "sigmoid-lossfree": dict(router="sigmoid_topk", aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
-                                     routed_scaling_factor=2.5, normalize_topk=True)}
 
 
 def base_config(preset: str):
@@ -126,11 +125,11 @@ def model_config(preset: str, name: str):
         return base
     if name == "dense":
         return base.dense_twin("active")
-    if name in routing_recipes():
-        return base.replace(**routing_recipes()[name])
+    if name in ROUTING:  # the preset's own expert shapes, routed another way
+        return base.replace(**ROUTING[name])
     table = recipes(base.top_k * base.expert_ffn + base.shared_ffn)
     if name not in table:
-        raise ValueError(f"unknown model {name!r}; choose from {['moe', 'dense', *table, *routing_recipes()]}")
+        raise ValueError(f"unknown model {name!r}; choose from {['moe', 'dense', *table, *ROUTING]}")
     plain = {f: getattr(type(base)(), f) for f in MOE_FIELDS}  # reset routing to ModelConfig's defaults
     return base.replace(**{**plain, **table[name]})
 

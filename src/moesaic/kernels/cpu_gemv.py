@@ -210,19 +210,19 @@ def available() -> bool:
     return _library() is not None
 
 
-def rows_ok(rows: int) -> bool:
-    """The thread policy: one row at any torch thread count (one core's C kernel streams a weight faster than
-    oneDNN on two threads here: batch-1 decode steps 1.11-2.17x, batch 8 1.00-1.23x, in a same-process A/B at
-    2 threads over both benchmark shapes, fp32 and bf16), two rows only on
-    one torch thread (with more threads oneDNN's two-row matmul splits the work)."""
-    return rows == 1 or (rows == 2 and torch.get_num_threads() == 1)
+def rows_ok(rows: int, dtype: torch.dtype) -> bool:
+    """Which inputs the kernels take: one row at any torch thread count (one core's C kernel streams a weight
+    faster than oneDNN on two threads here: batch-1 decode steps 1.11-2.17x, batch 8 1.00-1.23x, in a
+    same-process A/B at 2 threads over both benchmark shapes, fp32 and bf16); two fp32 rows only on one torch
+    thread (with more threads oneDNN's two-row matmul splits the work)."""
+    return rows == 1 or (rows == 2 and dtype == torch.float32 and torch.get_num_threads() == 1)
 
 
 def usable(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
     """Whether `gemv(x, w)` applies: one fp32 or bf16 CPU row (or two fp32 rows, see `rows_ok`), a CPU weight of
     the same dtype whose rows are contiguous, no gradient wanted."""
     return (x_MI.dim() == 2 and x_MI.dtype in _KERNELS and w_OI.dtype == x_MI.dtype
-            and rows_ok(x_MI.shape[0]) and (x_MI.shape[0] == 1 or x_MI.dtype == torch.float32)
+            and rows_ok(x_MI.shape[0], x_MI.dtype)
             and x_MI.device.type == "cpu" and w_OI.device.type == "cpu" and w_OI.dim() == 2
             and w_OI.shape[1] == x_MI.shape[1] and w_OI.stride(1) == 1
             and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad)) and available())

@@ -34,10 +34,10 @@ def onednn_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.T
 
 
 def gemv_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.Tensor:
-    """Expert e's matmul on one torch thread: one row (fp32 / bf16) or two fp32 rows through `cpu_gemv`
-    (weight rows contiguous; a transposed fp32 weight at one row: MKL's x @ W), more rows through oneDNN."""
+    """Expert e's matmul: the rows `cpu_gemv.rows_ok` takes through `cpu_gemv` (weight rows contiguous; a
+    transposed fp32 weight at one row: MKL's x @ W), other row counts through oneDNN."""
     m = x_MI.shape[0]
-    if not cpu_gemv.rows_ok(m) or (m == 2 and x_MI.dtype != torch.float32):
+    if not cpu_gemv.rows_ok(m, x_MI.dtype):
         return onednn_expert_linear(x_MI, w, e)
     w_OI = w[e]
     if w_OI.stride(1) == 1:

@@ -84,14 +84,17 @@ def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype, num_experts:
     return y
 
 
-def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: bool):
-    """-> (y_TD, saved tuple or None)."""
+def _dims(x_TD, w13_EGD, ids_TK) -> tuple[int, int, int, int, int]:
+    """(T, D, E, F, K) of one call."""
     t, d = x_TD.shape
     e, gg, _ = w13_EGD.shape
-    f = gg // 2
-    k = ids_TK.shape[1]
-    ids_N = ids_TK.reshape(-1)
-    w_N = w_TK.reshape(-1)
+    return t, d, e, gg // 2, ids_TK.shape[1]
+
+
+def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: bool):
+    """-> (y_TD, saved tuple or None)."""
+    t, d, e, f, k = _dims(x_TD, w13_EGD, ids_TK)
+    ids_N, w_N = ids_TK.reshape(-1), w_TK.reshape(-1)
     al = align(ids_TK, e, cfg.bm)
     act, h = run_w13(x_TD, w13_EGD, al, k, cfg.gemm1, save)
     # rows of dropped pairs are never written; zero them only when backward reads o (for dw)
@@ -103,10 +106,7 @@ def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: b
 
 
 def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch.Tensor:
-    t, d = x_TD.shape
-    e, gg, _ = w13_EGD.shape
-    f = gg // 2
-    k = ids_TK.shape[1]
+    t, d, e, f, k = _dims(x_TD, w13_EGD, ids_TK)
     ids_N = ids_TK.reshape(-1)
     act = torch.empty((t * k, f), dtype=torch.float32, device=x_TD.device)
     y = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
@@ -150,12 +150,9 @@ def _gather_sorted(src_TC, al: Alignment, topk: int, w_N=None):
 def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
     """-> (dx, dw13, dw2, dweights) (None where not needed)."""
     al, act, h, o = saved
-    t, d = x_TD.shape
-    e, gg, _ = w13_EGD.shape
-    f = gg // 2
-    k = ids_TK.shape[1]
-    ids_N = ids_TK.reshape(-1)
-    w_N = w_TK.reshape(-1)
+    t, d, e, f, k = _dims(x_TD, w13_EGD, ids_TK)
+    gg = 2 * f
+    ids_N, w_N = ids_TK.reshape(-1), w_TK.reshape(-1)
     dy = dy_TD.contiguous()
     g = _bwd_gemm(al.block_m)
     dx = dw13 = dw2 = dwt = None
