@@ -149,7 +149,8 @@ def run_job(job: dict) -> dict:
     tc = TrainConfig(preset="tiny", data=job["data"], steps=job["steps"], batch_size=job["batch_size"],
                      seq_len=job["seq_len"], lr=job["lr"], warmup_steps=job["warmup_steps"],
                      eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
-                     device=job["device"], progress=False, moe_backend=job["backend"])
+                     device=job["device"], progress=False, moe_backend=job["backend"],
+                     save_final=bool(job.get("keep_runs")))  # an unkept checkpoint is only disk traffic
     tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"],
                                 cache_dir=job.get("cache_dir"))
     out = Path(job["out"])
@@ -163,11 +164,13 @@ def run_job(job: dict) -> dict:
     if not job.get("keep_runs"):
         shutil.rmtree(out)
     every = max(1, job["steps"] // 200)
+    speeds = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:] if "tokens_per_s" in r)  # past warm-up
     return {**job, "seconds": seconds, "final_val": summary["val_loss"], "active": pc.active, "total": pc.total,
             "train_tokens": int(len(data.train)), "tokens_per_step": tc.tokens_per_step,
             "flops_per_token": 6 * (pc.active + (pc.lm_head or pc.embedding)),  # a tied head still multiplies
             "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
             "loss_curve": [[r["step"], r["loss"]] for r in rows if "loss" in r][::every],
+            "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None,
             "imbalance_last": next((r["imbalance"] for r in reversed(rows) if "imbalance" in r), None)}
 
 
@@ -295,6 +298,16 @@ def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
             for name, m, steps in runs for lr in lrs for s in seeds]
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (so a job pinned to one of them by a
+    child's CUDA_VISIBLE_DEVICES lands on the same physical GPU when the parent was given a subset)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
 def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print) -> list[dict]:
     """Run the jobs (`parallel` subprocesses at a time, or one by one in this process)."""
     if in_process:
@@ -305,23 +318,23 @@ def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print
         return done
     import torch
 
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus() if torch.cuda.is_available() else []
     pending, running, done, failed = list(jobs), [], [], []
-    started = 0
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
             env = dict(os.environ)
-            if n_gpu:
-                env["CUDA_VISIBLE_DEVICES"] = str(started % n_gpu)
-            started += 1
+            gpu = None
+            if gpus:  # the least loaded of the GPUs this process may use (not plain round robin)
+                gpu = min(gpus, key=lambda g: (sum(r[3] == g for r in running), gpus.index(g)))
+                env["CUDA_VISIBLE_DEVICES"] = gpu
             log_f = open(job["result"] + ".log", "w")
             p = subprocess.Popen([sys.executable, __file__, "--job", json.dumps(job)], env=env, stdout=log_f,
                                  stderr=subprocess.STDOUT)
-            running.append((job, p, log_f))
+            running.append((job, p, log_f, gpu))
         time.sleep(1)
         for item in list(running):
-            job, p, log_f = item
+            job, p, log_f, _ = item
             if p.poll() is None:
                 continue
             running.remove(item)

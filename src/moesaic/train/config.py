@@ -47,6 +47,7 @@ class TrainConfig:
     eval_every: int = 100  # 0: only at the end
     eval_windows: int = 64  # validation windows of seq_len tokens per evaluation
     save_every: int = 0  # 0: only at the end
+    save_final: bool = True  # False: no checkpoint at the end either (throw-away runs, e.g. benchmarks)
     keep_checkpoints: int = 1
     log_every: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -110,5 +111,5 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
     # fields that may differ between a run and its resumption without changing the result
-    RESUME_FREE = ("steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress", "device",
+    RESUME_FREE = ("steps", "eval_every", "save_every", "save_final", "keep_checkpoints", "log_every", "progress", "device",
                    "moe_backend", "eval_windows", "max_skipped", "nonfinite", "dense_twin")

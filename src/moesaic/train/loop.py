@@ -158,7 +158,7 @@ class Trainer:
                 bar.print(line)
             else:
                 self.log(line)
-        if last or (cfg.save_every and s % cfg.save_every == 0):
+        if (last and cfg.save_final) or (cfg.save_every and s % cfg.save_every == 0):
             self.save()
 
     def save(self) -> Path:

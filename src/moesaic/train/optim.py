@@ -20,9 +20,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # foreach=False: the same per-parameter arithmetic on every run, so resume is bit-exact
+    # CPU: foreach=False, the same per-parameter arithmetic on every run, so resume is bit-exact (tested).
+    # CUDA: the fused kernel (a handful of launches instead of ~12 per parameter tensor: ~1,500 a step for the
+    # H200 preset); it is deterministic too, so a resumed CUDA run repeats the same arithmetic.
+    on_cuda = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, foreach=False)
+                             eps=cfg.eps, foreach=False, fused=True if on_cuda else None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
