@@ -38,9 +38,10 @@ to it (validation loss vs steps and vs training FLOPs, one line per model/seed a
         --seq-len 128 --lrs 2e-3,4e-3 --seeds 0,1,2 --eval-every 10 --eval-windows 32 \
         --json benchmarks/results/quality_cpu.json
     # H200, 4 GPUs (benchmarks/results/quality_h200.json; docs/training.md)
-    python benchmarks/quality.py --preset h200 --device cuda --steps 2500 --batch-size 32 --seq-len 512 \
-        --lrs 1.5e-3,3e-3 --seeds 0,1,2 --budget-fractions 0.7 --eval-every 250 --eval-windows 128 \
-        --data builtin:large --max-chars 150000000 --models moe,dense --parallel 6 --json /tmp/q/quality_h200.json
+    python benchmarks/quality.py --preset h200 --device cuda --steps 4000 --batch-size 32 --seq-len 512 \
+        --lrs 1e-3,1.5e-3 --seeds 0,1,2 --eval-every 200 --eval-windows 128 --data builtin:large \
+        --max-chars 240000000 --models "moe:num_experts=256;moe;dense" --parallel 18 --threads 2 \
+        --json /tmp/q/quality_h200.json
 """
 
 from __future__ import annotations
