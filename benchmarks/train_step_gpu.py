@@ -2,7 +2,8 @@
 
 What `Trainer` runs each step (bf16 autocast over fp32 weights, routing statistics, clipping, fused
 AdamW, the loss-free bias update), on one fixed random batch, timed with the MoE layers on each backend
-(interleaved: triton, sorted, triton). `--profile` adds torch.profiler tables (GPU time and host time).
+(interleaved: triton, sorted, triton), then the whole step captured as one CUDA graph (train/graphed.py,
+`TrainConfig.cuda_graph="auto"`) with triton experts. `--profile` adds torch.profiler tables (GPU time and host time).
 
     python benchmarks/train_step_gpu.py [--model moe] [--batch 32] [--seq 512] [--profile]
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graphed step")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("train_step_gpu.py needs CUDA")
@@ -70,11 +72,26 @@ def main(argv: list[str] | None = None) -> None:
             step()
         torch.cuda.synchronize()
         times.setdefault(backend, []).append((time.perf_counter() - t) / a.steps * 1e3)
+    if not a.no_graph:  # the whole step as one CUDA graph (TrainConfig.cuda_graph="auto"), triton experts
+        from moesaic.train.graphed import GraphedStep
+
+        model.set_moe_backend("triton" if cfg.is_moe else "auto")
+        tc = TrainConfig(preset="tiny", steps=100, batch_size=a.batch, seq_len=a.seq, device="cuda")
+        graphed = GraphedStep(model, opt, tc, autocast, batch)
+        for _ in range(3):
+            graphed.run(batch, 1e-3)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            graphed.run(batch, 1e-3)
+        torch.cuda.synchronize()
+        times["graph"] = [(time.perf_counter() - t) / a.steps * 1e3]
     tokens = a.batch * a.seq
     for backend, ms in times.items():
         print(f"{a.model} {backend}: " + " / ".join(f"{m:.1f}" for m in ms) + f" ms per {tokens}-token step")
     if "sorted" in times:
         print(f"# speedup triton vs sorted: {min(times['sorted']) / min(times['triton']):.2f}x (best of each)")
+        print(f"# speedup graphed triton step vs sorted: {min(times['sorted']) / min(times['graph']):.2f}x")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -98,7 +98,8 @@ def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[
     tensors: dict[str, torch.Tensor] = {}
     groups = []
     for g in optimizer.param_groups:
-        groups.append({**{k: v for k, v in g.items() if k != "params"},
+        groups.append({**{k: (float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v)  # a graphed lr
+                           for k, v in g.items() if k != "params"},
                        "params": [names[id(p)] for p in g["params"]]})
         for p in g["params"]:
             for key, val in optimizer.state.get(p, {}).items():

@@ -52,6 +52,8 @@ def train(
     device: str = typer.Option("auto", help="auto (cuda when available) | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA) | fp32 | bf16"),
     nonfinite: str = typer.Option("skip", help="on a non-finite loss or gradient: skip the batch, or stop"),
+    cuda_graph: str = typer.Option("off", help="auto: replay each optimizer step as one CUDA graph where "
+                                                "it can be captured (CUDA, triton experts, no accumulation)"),
     progress: bool = typer.Option(True, help="show the progress bar"),
 ) -> None:
     """Train an MoE (or dense) language model; --resume continues exactly where a run stopped."""
@@ -62,7 +64,8 @@ def train(
                       steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
                       lr=lr, warmup_steps=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                       eval_every=eval_every, save_every=save_every, keep_checkpoints=keep, device=device,
-                      dtype=dtype, nonfinite=nonfinite, progress=progress, dense_twin=dense_twin)
+                      dtype=dtype, nonfinite=nonfinite, progress=progress, dense_twin=dense_twin,
+                      cuda_graph=cuda_graph)
     from moesaic.train.loop import TrainingStopped
 
     try:

@@ -55,6 +55,7 @@ class TrainConfig:
     nonfinite: str = "skip"  # non-finite loss or gradient norm: skip the batch, or stop the run
     max_skipped: int = 10  # stop anyway after this many skipped batches in a row
     moe_backend: str = "auto"
+    cuda_graph: str = "off"  # "auto": capture the whole step as a CUDA graph where it can be (train/graphed.py)
     progress: bool = True
     dense_twin: str | None = None  # "active" | "total": train the dense twin too, into <out>/dense-<match>
 
@@ -84,6 +85,7 @@ class TrainConfig:
         _check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
         _check(self.nonfinite in NONFINITE, "nonfinite", f"one of {NONFINITE}", self.nonfinite)
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.cuda_graph in ("off", "auto"), "cuda_graph", "'off' or 'auto'", self.cuda_graph)
         _check(self.dense_twin in (None, "active", "total"), "dense_twin", "None, 'active' or 'total'",
                self.dense_twin)
 
@@ -111,5 +113,5 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
     # fields that may differ between a run and its resumption without changing the result
-    RESUME_FREE = ("steps", "eval_every", "save_every", "save_final", "keep_checkpoints", "log_every", "progress", "device",
-                   "moe_backend", "eval_windows", "max_skipped", "nonfinite", "dense_twin")
+    RESUME_FREE = ("steps", "eval_every", "save_every", "save_final", "keep_checkpoints", "log_every", "progress",
+                   "device", "moe_backend", "cuda_graph", "eval_windows", "max_skipped", "nonfinite", "dense_twin")

@@ -22,6 +22,7 @@ from moesaic.checkpoint import native
 from moesaic.config import ModelConfig
 from moesaic.data.tokens import TokenData, WindowSampler, eval_windows
 from moesaic.train.config import TrainConfig
+from moesaic.train.graphed import GraphedStep, unsupported_reason
 from moesaic.train.hardware import autocast_for, check_fits, resolve_device
 from moesaic.train.metrics import MetricsLog, ProgressBar
 from moesaic.train.optim import build_optimizer, lr_at, set_lr
@@ -56,6 +57,8 @@ class Trainer:
         self.sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed)
         self.val_NS1 = torch.from_numpy(eval_windows(data.val, cfg.seq_len, cfg.eval_windows)).to(self.device)
         self.step, self.position, self.skipped_in_row, self.skipped_total = 0, 0, 0, 0
+        self.graphed: GraphedStep | None = None
+        self._graph_decided = cfg.cuda_graph == "off"
         self.last_val: float | None = None
 
     # -------------------------------------------------------------- run folder
@@ -117,15 +120,21 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         lr = lr_at(self.step, cfg)
-        set_lr(self.optimizer, lr)
         batch = torch.from_numpy(self.sampler.batch(self.position, cfg.batch_size)).to(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        st = forward_backward(model, split_batch(batch, cfg.micro_batch_size), self.autocast)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-        finite = math.isfinite(st.total_loss) and math.isfinite(gnorm)
+        graphed = self._graph_for(batch)
+        if graphed is not None:  # the whole step in one replay; a non-finite step changed nothing in it
+            st, gnorm = graphed.run(batch, lr)
+            finite = math.isfinite(st.total_loss) and math.isfinite(gnorm)
+        else:
+            set_lr(self.optimizer, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            st = forward_backward(model, split_batch(batch, cfg.micro_batch_size), self.autocast)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            finite = math.isfinite(st.total_loss) and math.isfinite(gnorm)
+            if finite:
+                self.optimizer.step()
+                update_biases(model, st.counts_LE)
         if finite:
-            self.optimizer.step()
-            update_biases(model, st.counts_LE)
             self.skipped_in_row = 0
         else:
             self._nonfinite(st.total_loss, gnorm)
@@ -135,8 +144,24 @@ class Trainer:
                 "tokens": self.step * cfg.tokens_per_step, "grad_norm": gnorm, "imbalance": st.imbalance,
                 "dropped": st.dropped_fraction, "skipped": not finite}
 
+    def _graph_for(self, batch: torch.Tensor) -> GraphedStep | None:
+        """The captured step (cuda_graph='auto'), built on the first batch; None: eager steps."""
+        if not self._graph_decided:
+            self._graph_decided = True
+            reason = unsupported_reason(self.model, self.cfg, self.device)
+            if reason is None:
+                try:
+                    self.graphed = GraphedStep(self.model, self.optimizer, self.cfg, self.autocast, batch)
+                    self.log("CUDA graph: each optimizer step is one replay")
+                except Exception as e:  # noqa: BLE001 - any capture failure: the eager step is always right
+                    reason = f"capture failed ({type(e).__name__}: {e})"
+            if reason is not None:
+                self.log(f"CUDA graph off: {reason}; eager steps")
+        return self.graphed
+
     def _nonfinite(self, loss: float, gnorm: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphed is None:  # a graph's gradients live in its own memory: leave them
+            self.optimizer.zero_grad(set_to_none=True)
         what = f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
                f"(loss={loss}, grad_norm={gnorm}); the optimizer did not touch the weights"
         self.skipped_in_row += 1
