@@ -151,7 +151,7 @@ def run_job(job: dict) -> dict:
                      seq_len=job["seq_len"], lr=job["lr"], warmup_steps=job["warmup_steps"],
                      eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
                      device=job["device"], progress=False, moe_backend=job["backend"],
-                     save_final=bool(job.get("keep_runs")))  # an unkept checkpoint is only disk traffic
+                     save_final=bool(job.get("keep_runs")), cuda_graph=job.get("cuda_graph", "off"))  # an unkept checkpoint is only disk traffic
     tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"],
                                 cache_dir=job.get("cache_dir"))
     out = Path(job["out"])
@@ -294,6 +294,7 @@ def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
     return [dict(preset=a.preset, model=name, recipe=m, lr=lr, seed=s, steps=steps, batch_size=a.batch_size,
                  seq_len=a.seq_len, warmup_steps=warmup, data=a.data, max_chars=a.max_chars, eval_every=eval_every,
                  eval_windows=a.eval_windows, device=a.device, backend=a.backend, threads=a.threads,
+                 cuda_graph=a.cuda_graph,
                  cache_dir=a.cache_dir, keep_runs=a.keep_runs, out=str(work / f"{name}-lr{lr:g}-s{s}"),
                  result=str(work / f"{name}-lr{lr:g}-s{s}.json"))
             for name, m, steps in runs for lr in lrs for s in seeds]
@@ -427,6 +428,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--parallel", type=int, default=4, help="jobs at a time")
+    ap.add_argument("--cuda-graph", default="off", choices=["off", "auto"],
+                    help="auto: each training step replays one CUDA graph (TrainConfig.cuda_graph)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
     ap.add_argument("--in-process", action="store_true", help="run the jobs one by one in this process")
     ap.add_argument("--json", default="/tmp/quality/quality.json", help="results; the plot goes beside it (.png)")
