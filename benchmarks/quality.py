@@ -183,6 +183,21 @@ def steps_to_reach(curve: list, target: float) -> int | None:
     return None
 
 
+def steps_to_reach_interp(curve: list, target: float) -> float | None:
+    """The step where the validation curve crosses target, linearly interpolated between evaluations."""
+    prev = None
+    for step, v in curve:
+        if v is None:
+            continue
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(step)
+            (s0, v0) = prev
+            return s0 + (v0 - target) / (v0 - v) * (step - s0)
+        prev = (step, v)
+    return None
+
+
 def summarize(results: list[dict]) -> dict:
     """Per model: the lr of the sweep with the lowest mean final val loss, its runs; per MoE and seed: the
     steps it needs to reach the dense twin's final val loss of the same seed."""
@@ -213,8 +228,10 @@ def summarize(results: list[dict]) -> dict:
                     continue
                 target = dense_runs[r["seed"]]["final_val"] if r["seed"] in dense_runs else dense["val_mean"]
                 s = steps_to_reach(r["val_curve"], target)
+                si = steps_to_reach_interp(r["val_curve"], target)
                 b["reach"].append({"seed": r["seed"], "target": target, "step": s, "final": r["final_val"],
-                                   "fraction": None if s is None else s / full})
+                                   "fraction": None if s is None else s / full,
+                                   "fraction_interpolated": None if si is None else si / full})
             b["reach"].sort(key=lambda x: x["seed"])
     return best
 
@@ -228,7 +245,8 @@ def format_table(best: dict) -> str:
         per_seed = " ".join(f"{v:.4f}" for v in b["val_per_seed"].values())
         full = best["dense"]["steps"] if "dense" in best else b["steps"]
         reach = ", ".join(f"s{x['seed']}: never" if x["step"] is None else
-                          f"s{x['seed']}: {x['step']}/{full} ({x['fraction']:.0%})" for x in b["reach"])
+                          f"s{x['seed']}: {x['step']}/{full} ({x['fraction']:.0%}; interp. "
+                          f"{x.get('fraction_interpolated') or x['fraction']:.1%})" for x in b["reach"])
         lines.append(f"{m:{w}s} {b['total'] / 1e6:6.2f}M {b['active'] / 1e6:6.2f}M {b['lr']:7.1e} "
                      f"{b['val_mean']:13.4f} +- {b['val_std']:.4f} {per_seed:>26s}  {reach or '-'}")
     return "\n".join(lines)

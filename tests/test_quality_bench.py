@@ -52,8 +52,11 @@ def test_summarize_picks_lr_by_mean_over_seeds_and_compares_seed_by_seed(quality
     # seed 0 reaches dense seed 0's 4.0 at step 30 (60 %); seed 1 never reaches dense seed 1's 4.1
     assert [(x["seed"], x["step"], x["target"]) for x in best["moe"]["reach"]] == [(0, 30, 4.0), (1, None, 4.1)]
     assert best["moe"]["reach"][0]["fraction"] == pytest.approx(0.6)
+    # interpolated between (20, 4.05) and (30, 3.99): the crossing of 4.0 at step 28.33
+    assert best["moe"]["reach"][0]["fraction_interpolated"] == pytest.approx((20 + 10 * 0.05 / 0.06) / 50)
+    assert best["moe"]["reach"][1]["fraction_interpolated"] is None
     table = quality.format_table(best)
-    assert "s0: 30/50 (60%)" in table and "s1: never" in table
+    assert "s0: 30/50 (60%; interp. 56.7%)" in table and "s1: never" in table
 
 
 def test_recipes_keep_the_active_size_and_unknown_models_fail(quality):
