@@ -132,7 +132,7 @@ def test_budget_fraction_runs_get_their_own_shorter_schedule_and_compare_by_fina
     assert best["moe"]["reach"][0]["fraction"] == pytest.approx(0.8)
     short = best["moe@0.7"]["reach"][0]
     assert short["step"] == 70 and short["fraction"] == pytest.approx(0.7)  # a fraction of the dense steps
-    assert "s0: 70/100 (70%)" in quality.format_table(best)
+    assert "s0: 70/100 (70%;" in quality.format_table(best)
     with pytest.raises(ValueError, match="strictly between"):
         quality.make_jobs(quality.parser().parse_args(["--budget-fractions", "1.5"]), tmp_path)
 
