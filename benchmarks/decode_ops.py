@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v projections (the CPU engine's)")
     ap.add_argument("--list", action="store_true", help="print layer 1's ops in order")
     a = ap.parse_args(argv)
     cfg = ModelConfig.preset("mixtral-mini", n_layers=a.layers, max_seq_len=256)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model = build_model(cfg).to(dtype).eval()
     eng = Engine(model, None, max_batch=1, max_len=256, cuda_graphs=False, onednn=False, huge_pages=False)
+    if not a.no_fuse:
+        eng.model.fuse_qkv()  # as the engine does on the GPU
     req = eng.submit(list(range(1, 17)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     eng.step()  # prefill
     graphs = DecodeGraphs(eng.model, eng.cache, capture=False)

@@ -93,6 +93,8 @@ class Engine(AsyncEngineMixin):
 
         self.packed = prepare_cpu_weights(self.model, onednn=onednn, pack_weights=pack_weights,
                                           huge_pages=huge_pages, max_batch=max_batch)
+        if self.model.embed.weight.device.type != "cpu":  # CPU linears go through oneDNN (their own layouts)
+            self.model.fuse_qkv()  # one q/k/v matmul per layer: fewer kernels in the GPU decode step
         self.tokenizer = tokenizer
         self.deterministic = deterministic
         self.prefill_tokens = prefill_tokens

@@ -1,0 +1,97 @@
+"""Decode-step fusions (fewer kernels per layer) against the plain computations they replace:
+the fused q/k/v projection, the 4-op rotary, rms_norm on 16-bit inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moesaic import ModelConfig, build_model
+from moesaic.inference import Engine, SamplingParams
+from moesaic.model.norm import rms_norm
+from moesaic.model.rope import RotaryEmbedding, apply_rope, apply_rope_bthd
+
+VOCAB = 97
+
+
+def _model(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, **{"max_seq_len": 64, **over})
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_bthd_equals_apply_rope(dtype):
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, 10000.0)
+    pos = torch.randint(0, 500, (3, 5))
+    cos, sin = tables = rope(pos, dtype)
+    x = torch.randn(3, 5, 6, 16).to(dtype)  # [B, T, H, D]
+    want = apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    assert torch.equal(apply_rope_bthd(x, cos, tables.sin_rot), want)
+    wide = torch.randn(3, 5, 9, 16).to(dtype)  # a strided head slice, as the fused q/k/v output gives
+    want = apply_rope(wide[:, :, 2:8].transpose(1, 2), cos, sin).transpose(1, 2)
+    assert torch.equal(apply_rope_bthd(wide[:, :, 2:8], cos, tables.sin_rot), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_16bit_equals_fp32_statistic(dtype):
+    torch.manual_seed(0)
+    x, w = (torch.randn(4, 3, 64) * 3).to(dtype), torch.randn(64).to(dtype)
+    want = w * F.rms_norm(x.float(), (64,), None, 1e-5).to(dtype)  # transformers' order
+    assert torch.equal(rms_norm(x, w, 1e-5), want)
+
+
+@pytest.mark.parametrize("over", [{}, dict(qkv_bias=True), dict(qk_norm="head"), dict(qk_norm="full", clip_qkv=0.5),
+                                  dict(rope_scaling=dict(rope_type="default", partial_rotary_factor=0.5))])
+def test_fused_qkv_equals_separate_projections(over):
+    model = _model(**over)
+    fused = copy.deepcopy(model)
+    assert fused.fuse_qkv() == len(fused.blocks)
+    sd, sd_fused = model.state_dict(), fused.state_dict()
+    assert sd.keys() == sd_fused.keys() and all(torch.equal(sd[k], sd_fused[k]) for k in sd)
+    attn = fused.blocks[0].attn
+    assert attn._fused() is not None and attn.wk.weight.data_ptr() == attn._fused()[0][attn.wq.weight.shape[0]:].data_ptr()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    torch.testing.assert_close(fused(ids), model(ids), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # in-place updates (load_state_dict) reach the fused tensor: still one projection
+        fused.load_state_dict({k: v * 1.01 if ".attn.w" in k else v for k, v in sd.items()})
+        model.load_state_dict({k: v * 1.01 if ".attn.w" in k else v for k, v in sd.items()})
+    assert attn._fused() is not None
+    torch.testing.assert_close(fused(ids), model(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_qkv_falls_back_when_parameters_move():
+    model = _model()
+    fused = copy.deepcopy(model)
+    fused.fuse_qkv()
+    fused.to(torch.float64)  # new storage per parameter: the fused tensor is stale and must not be used
+    assert fused.blocks[0].attn._fused() is None
+    ids = torch.randint(0, VOCAB, (1, 6))
+    torch.testing.assert_close(fused(ids).float(), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_qkv_skips_non_plain_linears():
+    from moesaic.inference.quantize import quantize_model
+
+    model = _model()
+    quantize_model(model, "int8", linears=True)
+    assert model.fuse_qkv() == 0
+
+
+def test_engine_greedy_same_with_fused_qkv():
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[1, 5, 9, 2], [7, 3, 3, 8, 1, 4, 2]]
+    outs = []
+    for fuse in (False, True):
+        model = _model()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)  # sharp logits: greedy far from ties
+        if fuse:
+            model.fuse_qkv()
+        eng = Engine(model, None, max_batch=2, max_len=32, onednn=False, huge_pages=False)
+        outs.append([c.token_ids for c in eng.generate(prompts, params)])
+    assert outs[0] == outs[1]
