@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moesaic import Engine, ModelConfig, SamplingParams, build_model, kernels  # noqa: E402
 from moesaic.inference.graphs import DecodeGraphs  # noqa: E402
 
-NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "lift_fresh"}
+NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "lift_fresh", "scalar_tensor"}
 
 
 def is_view(func) -> bool:
     """True when the op launches no kernel: its outputs alias an input without writing it, or it
-    only allocates / relabels (`_unsafe_view`, `empty`)."""
+    only allocates / relabels (`_unsafe_view`, `empty`), or wraps a Python scalar (`scalar_tensor`:
+    made on the CPU for `where(c, x, 0.0)`; SDPA's bool-mask conversion makes its two on the mask's
+    device, i.e. 2 GPU fills per layer that this count leaves out)."""
     return func.__name__.split(".")[0] in NO_KERNEL or any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model = build_model(cfg).to(dtype).eval()
     eng = Engine(model, None, max_batch=1, max_len=256, cuda_graphs=False, onednn=False, huge_pages=False)
-    if not a.no_fuse:
+    if not a.no_fuse and hasattr(eng.model, "fuse_qkv"):
         eng.model.fuse_qkv()  # as the engine does on the GPU
     req = eng.submit(list(range(1, 17)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     eng.step()  # prefill
