@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moesaic.model.cache import kv_cache_dims
+from moesaic.model.cache import additive_mask, kv_cache_dims
 
 
 class SlotCache:
@@ -97,8 +97,8 @@ class SlotView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
-        mask [B, 1, T, S] (True where a query may attend: causal within its own row), or None when
-        T = 1 and every row has the same length (nothing to mask)."""
+        mask [B, 1, T, S] (additive, in the cache's dtype: 0 where a query may attend, causal within its
+        own row, -inf elsewhere), or None when T = 1 and every row has the same length (nothing to mask)."""
         b, _, t, _ = k.shape
         _, end, mask, flat_idx = self._step_info(t)
         kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]  # [N, M, H, D]
@@ -128,7 +128,7 @@ class SlotView:
                 mask = None  # one new token per row and equal lengths: every query sees all `end` keys
             else:
                 key_pos = torch.arange(end, device=pos_BT.device)
-                mask = (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None]
+                mask = additive_mask((key_pos[None, None, :] <= pos_BT[:, :, None])[:, None], self.cache.k.dtype)
             self._pos_cache[key] = (pos_BT, end, mask, flat)
         return self._pos_cache[key]
 

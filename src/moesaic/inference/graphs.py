@@ -30,6 +30,7 @@ import sys
 import torch
 
 from moesaic.inference.cache import SlotCache
+from moesaic.model.cache import additive_mask
 
 MIN_KEYS = 128
 
@@ -87,7 +88,7 @@ class StaticDecodeView:
             slots, valid = self.inputs[1], self.inputs[2] > 0
             m = self.cache.max_len
             pos = torch.where(valid, self.cache.lengths.index_select(0, slots), m - 1)[:, None]
-            mask = (self._key_pos[None, None, :] <= pos[:, :, None])[:, None]
+            mask = additive_mask((self._key_pos[None, None, :] <= pos[:, :, None])[:, None], self.cache.k.dtype)
             self._step = (pos, slots * m + pos[:, 0], mask)
         return self._step
 
