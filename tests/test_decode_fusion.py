@@ -95,3 +95,43 @@ def test_engine_greedy_same_with_fused_qkv():
         eng = Engine(model, None, max_batch=2, max_len=32, onednn=False, huge_pages=False)
         outs.append([c.token_ids for c in eng.generate(prompts, params)])
     assert outs[0] == outs[1]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fusions_equal_plain_ops_on_cuda(dtype):
+    """The same identities on the GPU's kernels (F.rms_norm's fused CUDA kernel on 16-bit input; flip)."""
+    torch.manual_seed(0)
+    x, w = (torch.randn(4, 3, 4096, device="cuda") * 3).to(dtype), torch.randn(4096, device="cuda").to(dtype)
+    want = w * F.rms_norm(x.float(), (4096,), None, 1e-5).to(dtype)
+    got = rms_norm(x, w, 1e-5)
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} differ"
+    rope = RotaryEmbedding(128, 1e6).cuda()
+    cos, sin = tables = rope(torch.randint(0, 4000, (2, 3), device="cuda"), dtype)
+    qkv = torch.randn(2, 3, 48, 128, device="cuda").to(dtype)
+    want = apply_rope(qkv[:, :, :40].transpose(1, 2), cos, sin).transpose(1, 2)
+    assert torch.equal(apply_rope_bthd(qkv[:, :, :40], cos, tables.sin_rot), want)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_qkv_and_router_fast_path_on_cuda():
+    model = _model(d_model=128, expert_ffn=256).to("cuda", torch.bfloat16)
+    fused = copy.deepcopy(model)
+    assert fused.fuse_qkv() == len(fused.blocks)
+    ids = torch.randint(0, VOCAB, (2, 9), device="cuda")
+    with torch.no_grad():
+        a, b = fused(ids).float(), model(ids).float()
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+        r = model.blocks[0].ffn.router
+        h = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+        mask = torch.rand(64, device="cuda") > 0.2
+        fast, ref = r.eval()(h, mask), r.train()(h, mask)
+        r.eval()
+    assert torch.equal(fast.expert_ids_TK, ref.expert_ids_TK)
+    torch.testing.assert_close(fast.weights_TK.float(), ref.weights_TK.float(), rtol=1e-2, atol=1e-3)
