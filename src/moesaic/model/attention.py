@@ -82,8 +82,8 @@ class Attention(nn.Module):
     def _fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight [(H + 2 Hkv) Dh, D], bias) when the q/k/v parameters still share fuse_qkv's tensor."""
         f = self.__dict__.get("_qkv")
-        if f is None:
-            return None
+        if f is None or torch.compiler.is_compiling():  # tracing: no pointer checks (graph breaks)
+            return None if f is None else (f[0], f[1])
         lins = (self.wq, self.wk, self.wv)
         if any(m.weight is not p or m.weight.data_ptr() != ptr for m, p, ptr in zip(lins, f[2], f[3], strict=True)):
             return None
