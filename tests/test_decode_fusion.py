@@ -135,3 +135,15 @@ def test_fused_qkv_and_router_fast_path_on_cuda():
         r.eval()
     assert torch.equal(fast.expert_ids_TK, ref.expert_ids_TK)
     torch.testing.assert_close(fast.weights_TK.float(), ref.weights_TK.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_fused_model_saves_and_loads_as_before(tmp_path):
+    """The fused parameters are views of one tensor: the native checkpoint still has the same keys and values."""
+    from moesaic.checkpoint.native import load_native, write_model_files
+
+    model = _model()
+    model.fuse_qkv()
+    write_model_files(tmp_path, model)
+    back = load_native(tmp_path)
+    sd, sd_back = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
