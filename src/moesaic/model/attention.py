@@ -99,7 +99,11 @@ class Attention(nn.Module):
             # one projection, one rotation over the q and k heads side by side (Mixtral / Llama)
             h, hkv = self.n_heads, self.n_kv
             qkv = F.linear(x_BTD, *fused).view(b, t, h + 2 * hkv, self.hd)
-            qk = apply_rope_bthd(qkv[:, :, :h + hkv], cos, tables.sin_rot)
+            qk = qkv[:, :, :h + hkv]
+            # rotated in place when no gradient is asked for: k and v then stay side by side in qkv,
+            # so the KV cache stores both with one write
+            in_place = not (torch.is_grad_enabled() and qkv.requires_grad)
+            qk = apply_rope_bthd(qk, cos, tables.sin_rot, out=qk if in_place else None)
             q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + hkv:]
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         else:

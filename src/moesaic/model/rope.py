@@ -102,13 +102,15 @@ class RopeTables(tuple):
         return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
 
 
-def apply_rope_bthd(x_BTHD: torch.Tensor, cos_BTR: torch.Tensor, sin_rot_BTR: torch.Tensor) -> torch.Tensor:
+def apply_rope_bthd(x_BTHD: torch.Tensor, cos_BTR: torch.Tensor, sin_rot_BTR: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Full rotary (R = D) of x [B, T, H, D] in 4 ops (swap the halves, 2 muls, add): the same values
     as `apply_rope` (a negated product equals the product with the negated factor), with the heads of
-    q and k rotated together when they sit side by side in one tensor."""
+    q and k rotated together when they sit side by side in one tensor. `out` (may be x itself; no
+    autograd): written there instead of a new tensor."""
     b, t, h, d = x_BTHD.shape
     swapped = x_BTHD.view(b, t, h, 2, d // 2).flip(-2).view(b, t, h, d)
-    return x_BTHD * cos_BTR[:, :, None] + swapped * sin_rot_BTR[:, :, None]
+    return torch.add(x_BTHD * cos_BTR[:, :, None], swapped * sin_rot_BTR[:, :, None], out=out)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
