@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moesaic import Engine, ModelConfig, SamplingParams, build_model, kernels  # noqa: E402
+from moesaic.inference.cache import SlotCache  # noqa: E402
 from moesaic.inference.graphs import DecodeGraphs  # noqa: E402
+from moesaic.inference.scheduler import Scheduler  # noqa: E402
 
 NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "lift_fresh", "scalar_tensor"}
 
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v projections (the CPU engine's)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="separate q/k/v projections and k / v cache buffers (what the CPU engine runs)")
     ap.add_argument("--list", action="store_true", help="print layer 1's ops in order")
     a = ap.parse_args(argv)
     cfg = ModelConfig.preset("mixtral-mini", n_layers=a.layers, max_seq_len=256)
@@ -97,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model = build_model(cfg).to(dtype).eval()
     eng = Engine(model, None, max_batch=1, max_len=256, cuda_graphs=False, onednn=False, huge_pages=False)
-    if not a.no_fuse and hasattr(eng.model, "fuse_qkv"):
-        eng.model.fuse_qkv()  # as the engine does on the GPU
+    if not a.no_fuse and hasattr(eng.model, "fuse_qkv"):  # as the engine does on the GPU:
+        eng.model.fuse_qkv()  # one q/k/v matmul, and k / v side by side in one cache buffer
+        if "kv_together" in inspect.signature(SlotCache).parameters:
+            eng.cache = SlotCache.for_model(cfg, 1, 256, dtype=dtype, kv_together=True)
+            eng.scheduler = Scheduler(eng.cache)
     req = eng.submit(list(range(1, 17)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     eng.step()  # prefill
     graphs = DecodeGraphs(eng.model, eng.cache, capture=False)

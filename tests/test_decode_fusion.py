@@ -159,11 +159,13 @@ def test_kv_written_side_by_side_equals_two_writes():
     assert side_by_side(k, v) is not None and side_by_side(k, v.clone()) is None
     assert side_by_side(v, k) is None  # v before k in memory
     flat = torch.tensor([3, 4, 5, 6, 20, 21, 22, 23])
-    one, two = (SlotCache(n_layers=2, n_slots=2, n_kv_heads=h, max_len=16, k_dim=d, v_dim=d) for _ in range(2))
+    one, two = (SlotCache(n_layers=2, n_slots=2, n_kv_heads=h, max_len=16, k_dim=d, v_dim=d, kv_together=True)
+                for _ in range(2))
     write_kv(one, 1, flat, k, v)
     write_kv(two, 1, flat, k.clone(), v.clone())  # not side by side: two writes
     assert torch.equal(one.k, two.k) and torch.equal(one.v, two.v)
     assert torch.equal(one.k[1, 0, 3:7], k[0].transpose(0, 1)) and torch.equal(one.v[1, 1, 4:8], v[1].transpose(0, 1))
     assert one.k.abs().sum() > 0 and one.k[0].abs().sum() == 0  # only layer 1
-    mla = SlotCache(n_layers=1, n_slots=1, n_kv_heads=h, max_len=8, k_dim=d, v_dim=d - 2)
+    mla = SlotCache(n_layers=1, n_slots=1, n_kv_heads=h, max_len=8, k_dim=d, v_dim=d - 2, kv_together=True)
     assert mla.kv is None  # different head dims: two buffers
+    assert SlotCache(n_layers=1, n_slots=1, n_kv_heads=h, max_len=8, k_dim=d, v_dim=d).kv is None  # CPU default

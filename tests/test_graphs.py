@@ -116,12 +116,21 @@ def test_static_decode_equals_eager_decode(backend, deterministic):
         assert any(k[0] == 4 for k in static.decode_graphs._entries)
 
 
-def test_static_decode_with_fused_qkv_equals_eager_unfused():
+@pytest.mark.parametrize("kv_together", [False, True])
+def test_static_decode_with_fused_qkv_equals_eager_unfused(kv_together):
     """As on the GPU: the static step on a model with fused q/k/v (one matmul, rotary over q and k
-    together) against the eager engine with separate projections."""
+    together; with kv_together, the CUDA cache layout: one KV write per layer) against the eager engine
+    with separate projections."""
+    from moesaic.inference.cache import SlotCache
+    from moesaic.inference.scheduler import Scheduler
+
     model = tiny_model()
     eager, static = _pair(model, max_batch=4, backend="sorted")
     assert static.model.fuse_qkv() == len(static.model.blocks)
+    static.cache = SlotCache.for_model(model.config, 4, static.cache.max_len, kv_together=kv_together)
+    static.scheduler = Scheduler(static.cache)
+    static.decode_graphs = gr.DecodeGraphs(static.model, static.cache, capture=False)
+    assert (static.cache.kv is not None) == kv_together
     prompts = prompts_of([5, 11, 2, 9, 4])
     params = [SamplingParams(max_tokens=n, temperature=0) for n in (7, 4, 9, 5, 6)]
     seen_e, seen_s = _record(eager), _record(static)
