@@ -97,6 +97,27 @@ def test_engine_greedy_same_with_fused_qkv():
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_sdpa_folds_grouped_heads(dtype, masked):
+    """T = 1 with grouped kv heads: query heads folded into rows of their kv head == SDPA's enable_gqa."""
+    from moesaic.model.attention import sdpa
+
+    torch.manual_seed(0)
+    b, h, hkv, d, s = 3, 8, 2, 16, 37
+    q = torch.randn(b, 1, h, d).to(dtype).transpose(1, 2)  # [B, H, 1, D] as attention makes it
+    k, v = torch.randn(b, hkv, s, d).to(dtype), torch.randn(b, hkv, s, d).to(dtype)
+    allowed = torch.rand(b, 1, 1, s) > 0.3
+    allowed[..., 0] = True
+    mask = torch.zeros(b, 1, 1, s, dtype=dtype).masked_fill_(~allowed, float("-inf")) if masked else None
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = sdpa(q, k, v, mask)
+    assert got.shape == want.shape == (b, h, 1, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if masked:  # a bool mask gives the same as its additive form
+        torch.testing.assert_close(sdpa(q, k, v, allowed), got, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -116,6 +137,14 @@ def test_fusions_equal_plain_ops_on_cuda(dtype):
     qkv = torch.randn(2, 3, 48, 128, device="cuda").to(dtype)
     want = apply_rope(qkv[:, :, :40].transpose(1, 2), cos, sin).transpose(1, 2)
     assert torch.equal(apply_rope_bthd(qkv[:, :, :40], cos, tables.sin_rot), want)
+    from moesaic.model.attention import sdpa  # decode attention with grouped heads folded, masked
+
+    q = torch.randn(2, 1, 32, 128, device="cuda").to(dtype).transpose(1, 2)
+    k, v = (torch.randn(2, 8, 256, 128, device="cuda").to(dtype) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 256, device="cuda", dtype=dtype)
+    mask[0, ..., 100:] = float("-inf")
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), enable_gqa=True)
+    torch.testing.assert_close(sdpa(q, k, v, mask).float(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

@@ -30,8 +30,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Attention over [B, H, T, Dh] q and [B, Hkv, S, Dh] k/v; causal when mask is None.
 
     Grouped kv heads go to SDPA as they are (`enable_gqa`): repeating them first copied the whole
-    key/value history every layer and step (~3% of a batch-32 decode step on CPU)."""
+    key/value history every layer and step (~3% of a batch-32 decode step on CPU). With one new token
+    per row (decode) the G = H / Hkv query heads of each kv head become G query rows of that head: plain
+    multi-head attention over Hkv heads, the same sums. SDPA then runs its fused kernels where it would
+    not with grouped heads and a mask (CUDA's memory-efficient kernel has no GQA, flash takes no mask),
+    and on CPU it was 1.8x (fp32) to 10x (bf16) faster at Mixtral's 32 / 8 heads (bf16 bitwise the same,
+    fp32 within 5e-7)."""
     gqa = k.shape[1] != q.shape[1]
+    b, h, t, _ = q.shape
+    if gqa and t == 1:
+        hkv = k.shape[1]
+        o = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, q.shape[-1]), k, v, attn_mask=mask,
+                                           scale=scale)  # mask [B, 1, 1, S] broadcasts over the G rows
+        return o.reshape(b, h, 1, v.shape[-1])
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
