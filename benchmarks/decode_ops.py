@@ -9,6 +9,7 @@ view, transpose, slice, expand, ...) launch no kernel and are counted apart. The
 
     python benchmarks/decode_ops.py                 # Mixtral-shaped mini model, bf16 (as on the GPU)
     python benchmarks/decode_ops.py --dtype fp32 --list   # also print one layer's ops in order
+    python benchmarks/decode_ops.py --cuda          # on a GPU: the real kernels of the step, per layer
 """
 
 from __future__ import annotations
@@ -88,6 +89,36 @@ def group(name: str) -> str:
     return ".".join(parts[2:]) or "(block)" if parts[0] == "blocks" else name
 
 
+def cuda_kernels(layers: int, show: bool) -> int:
+    """GPU kernels of one static decode step (the forward a CUDA graph captures), run eagerly on CUDA
+    under torch.profiler: the engine as it runs there (bf16, MoE on its default backend)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = ModelConfig.preset("mixtral-mini", n_layers=layers, max_seq_len=256)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build_model(cfg).to(torch.bfloat16).eval()
+    eng = Engine(model, None, max_batch=1, max_len=256, cuda_graphs=False)
+    req = eng.submit(list(range(1, 17)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    eng.step()  # prefill
+    graphs = DecodeGraphs(eng.model, eng.cache, capture=False)
+    pos = len(req.prompt_ids) + len(req.output_ids) - 1
+    with torch.inference_mode():
+        for _ in range(3):  # build the bucket, tune / compile kernels
+            graphs.decode([req.output_ids[-1]], [req.slot], [pos], None)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs.decode([req.output_ids[-1]], [req.slot], [pos], None)
+            torch.cuda.synchronize()
+    names = collections.Counter(e.name for e in prof.events()
+                                if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name)
+    if show:
+        print(f"{layers} layers: {sum(names.values())} kernels; by name:")
+        for name, n in names.most_common():
+            print(f"  {n:4d}  {name[:110]}")
+    return sum(names.values())
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -95,7 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-fuse", action="store_true",
                     help="separate q/k/v projections and k / v cache buffers (what the CPU engine runs)")
     ap.add_argument("--list", action="store_true", help="print layer 1's ops in order")
+    ap.add_argument("--cuda", action="store_true",
+                    help="instead: count the GPU kernels of the step on CUDA (2 and 4 layers; per layer = half the difference)")
     a = ap.parse_args(argv)
+    if a.cuda:
+        k2, k4 = cuda_kernels(2, False), cuda_kernels(4, True)
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}: GPU kernels per decode step: "
+              f"{k2} (2 layers), {k4} (4 layers): {(k4 - k2) / 2:.1f} per layer, {2 * k2 - k4} outside the layers")
+        return dict(per_layer=(k4 - k2) / 2, outside=2 * k2 - k4)
     cfg = ModelConfig.preset("mixtral-mini", n_layers=a.layers, max_seq_len=256)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
