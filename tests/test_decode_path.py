@@ -65,7 +65,7 @@ def test_slot_view_masks_only_when_lengths_differ():
     assert mask is None and k_all.shape == (3, 2, 6, 4) and torch.equal(k_all[:, :, 5:], k)
     cache.lengths[:] = torch.tensor([5, 2, 5])
     _, _, mask = cache.view([0, 1, 2]).update(0, k, k)
-    assert mask is not None and mask[1, 0, 0].tolist() == [True] * 3 + [False] * 3
+    assert mask is not None and mask[1, 0, 0].tolist() == [0.0] * 3 + [float("-inf")] * 3  # additive
     _, _, mask = cache.view([0]).update(0, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
     assert mask is not None  # several new tokens: causal within them
 

@@ -116,6 +116,30 @@ def test_static_decode_equals_eager_decode(backend, deterministic):
         assert any(k[0] == 4 for k in static.decode_graphs._entries)
 
 
+@pytest.mark.parametrize("kv_together", [False, True])
+def test_static_decode_with_fused_qkv_equals_eager_unfused(kv_together):
+    """As on the GPU: the static step on a model with fused q/k/v (one matmul, rotary over q and k
+    together; with kv_together, the CUDA cache layout: one KV write per layer) against the eager engine
+    with separate projections."""
+    from moesaic.inference.cache import SlotCache
+    from moesaic.inference.scheduler import Scheduler
+
+    model = tiny_model()
+    eager, static = _pair(model, max_batch=4, backend="sorted")
+    assert static.model.fuse_qkv() == len(static.model.blocks)
+    static.cache = SlotCache.for_model(model.config, 4, static.cache.max_len, kv_together=kv_together)
+    static.scheduler = Scheduler(static.cache)
+    static.decode_graphs = gr.DecodeGraphs(static.model, static.cache, capture=False)
+    assert (static.cache.kv is not None) == kv_together
+    prompts = prompts_of([5, 11, 2, 9, 4])
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (7, 4, 9, 5, 6)]
+    seen_e, seen_s = _record(eager), _record(static)
+    assert _drive(static, prompts, params) == _drive(eager, prompts, params)
+    assert len(seen_s) == len(seen_e)
+    for a, b in zip(seen_s, seen_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_static_decode_crosses_key_buckets():
     """Prompts near 128 positions: the key bucket grows from 128 to 256 mid-generation."""
     model = tiny_model(max_seq_len=300)

@@ -161,3 +161,36 @@ def test_capacity_formula():
     from moesaic.config import capacity
 
     assert capacity(1.25, 10, 1, 4) == math.ceil(1.25 * 10 / 4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_softmax_topk_fast_path_equals_reference(k):
+    """Eval mode (renormalised): softmax of the top-k logits == renormalised top-k of the softmax."""
+    cfg = ModelConfig.preset("tiny", d_model=32, num_experts=8, top_k=2, normalize_topk=True)
+    torch.manual_seed(k)
+    r = build_router(cfg)
+    x = torch.randn(64, 32) * 3
+    mask = torch.rand(64) > 0.2
+    with torch.no_grad():
+        ref = r.train()(x, mask, top_k=k)  # training mode: the reference select (softmax, top-k, divide)
+        fast = r.eval()(x, mask, top_k=k)
+    assert torch.equal(fast.expert_ids_TK, ref.expert_ids_TK)
+    torch.testing.assert_close(fast.weights_TK, ref.weights_TK, rtol=1e-5, atol=1e-7)
+    assert (fast.weights_TK[~mask] == 0).all() and (fast.expert_ids_TK[~mask] == -1).all()
+    torch.testing.assert_close(fast.probs_TE, ref.probs_TE)  # computed on first access
+    assert torch.equal(fast.counts_E, ref.counts_E)
+
+
+def test_router_keeps_an_fp32_copy_of_a_16bit_weight_until_it_changes():
+    cfg = ModelConfig.preset("tiny", d_model=32, num_experts=8, top_k=2)
+    r = build_router(cfg).to(torch.bfloat16).eval()
+    x = torch.randn(5, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.float(), r.weight.float())
+        assert torch.equal(r.logits(x), want)
+        r.weight.mul_(2.0)  # in place: the copy must follow
+        assert torch.equal(r.logits(x), torch.nn.functional.linear(x.float(), r.weight.float()))
+    r.train()
+    y = r.logits(x)  # with autograd: the weight itself, so gradients reach it
+    y.sum().backward()
+    assert r.weight.grad is not None

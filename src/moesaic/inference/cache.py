@@ -4,7 +4,10 @@ Shape legend: L layers, N slots, H kv heads, M max positions per slot, Dk/Dv hea
 B rows of one forward, T new tokens per row, S key positions the forward attends over.
 
 Layout [L, N, M, H, D] (position before head) so one decode step writes each row's new keys with a
-single `index_copy_` on a flat [N*M, H, D] view; attention reads a transposed view.
+single `index_copy_` on a flat [N*M, H, D] view; attention reads a transposed view. On CUDA, when keys
+and values have one head dim, both live in one [L, N, M, 2H, D] buffer (k: its first H heads, v: the
+rest), so keys and values that sit side by side in memory (the fused q/k/v projection's output) go in
+with one write.
 
 One slot holds one running request. The buffers are allocated once when the engine starts
 (no per-token reallocation); a request gets a free slot when it joins the batch and gives it
@@ -19,27 +22,38 @@ from __future__ import annotations
 
 import torch
 
-from moesaic.model.cache import kv_cache_dims
+from moesaic.model.cache import additive_mask, kv_cache_dims
 
 
 class SlotCache:
     """k [L, N, M, H, Dk] and v [L, N, M, H, Dv] buffers plus lengths [N] (committed positions per slot)."""
 
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, k_dim: int, v_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_together: bool | None = None) -> None:
+        """kv_together: keep k and v in one [L, N, M, 2H, D] buffer (needs k_dim == v_dim); None: on CUDA
+        only, where the engine fuses q/k/v so one write stores both (on CPU the interleaved keys made
+        SDPA ~5-10% slower at long contexts, and the CPU engine projects q/k/v apart)."""
         for name, v in (("n_slots", n_slots), ("max_len", max_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"SlotCache.{name} must be an integer >= 1, got {v!r}")
-        self.k = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, v_dim, dtype=dtype, device=device)
+        if kv_together is None:
+            kv_together = torch.device(device).type == "cuda"
+        if kv_together and k_dim == v_dim:  # one buffer, k and v heads side by side: one write per layer
+            self.kv = torch.zeros(n_layers, n_slots, max_len, 2 * n_kv_heads, k_dim, dtype=dtype, device=device)
+            self.k, self.v = self.kv[..., :n_kv_heads, :], self.kv[..., n_kv_heads:, :]
+        else:
+            self.kv = None
+            self.k = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, k_dim, dtype=dtype, device=device)
+            self.v = torch.zeros(n_layers, n_slots, max_len, n_kv_heads, v_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.max_len, self.n_slots = max_len, n_slots
 
     @classmethod
     def for_model(cls, config, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> SlotCache:
+                  device: torch.device | str = "cpu", kv_together: bool | None = None) -> SlotCache:
         h, kd, vd = kv_cache_dims(config)
-        return cls(config.n_layers, n_slots, h, max_len, kd, vd, dtype, device)
+        return cls(config.n_layers, n_slots, h, max_len, kd, vd, dtype, device, kv_together)
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +73,32 @@ class SlotCache:
         self.v[:, dst, :n] = self.v[:, src, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
+
+
+def side_by_side(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k, v [B, H, T, D] as one [B*T, 2H, D] view when v's heads directly follow k's in memory (the
+    attention's fused q/k/v output), else None."""
+    b, h, t, d = k.shape
+    if (v.shape != k.shape or v.dtype != k.dtype or v.stride() != k.stride() or k.stride(3) != 1
+            or k.stride(1) != d or v.data_ptr() != k.data_ptr() + h * d * k.element_size()
+            or v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+            or (b > 1 and k.stride(0) != t * k.stride(2))):
+        return None
+    return k.as_strided((b * t, 2 * h, d), (k.stride(2), d, 1))
+
+
+def write_kv(cache: SlotCache, layer: int, flat_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v [B, H, T, D] at rows `flat_idx` [B*T] of layer's flat [N*M, H, D] views: one
+    `index_copy_` when the cache keeps k and v side by side and so do k and v, else one each."""
+    b, h, t, _ = k.shape
+    kv = side_by_side(k, v) if cache.kv is not None and k.dtype == cache.kv.dtype else None
+    if kv is not None:
+        buf = cache.kv[layer]
+        buf.view(-1, *buf.shape[2:]).index_copy_(0, flat_idx, kv)
+        return
+    for buf, new in ((cache.k[layer], k), (cache.v[layer], v)):  # [N, M, H, D]
+        flat = buf.view(-1, *buf.shape[2:])
+        flat.index_copy_(0, flat_idx, new.transpose(1, 2).reshape(b * t, *buf.shape[2:]).to(buf.dtype))
 
 
 class SlotView:
@@ -97,16 +137,12 @@ class SlotView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Write k/v [B, H, T, D] at each row's next positions; return keys/values [B, H, S, D] and
-        mask [B, 1, T, S] (True where a query may attend: causal within its own row), or None when
-        T = 1 and every row has the same length (nothing to mask)."""
+        mask [B, 1, T, S] (additive, in the cache's dtype: 0 where a query may attend, causal within its
+        own row, -inf elsewhere), or None when T = 1 and every row has the same length (nothing to mask)."""
         b, _, t, _ = k.shape
         _, end, mask, flat_idx = self._step_info(t)
         kbuf, vbuf = self.cache.k[layer], self.cache.v[layer]  # [N, M, H, D]
-        nm = kbuf.shape[0] * kbuf.shape[1]
-        kbuf.view(nm, *kbuf.shape[2:]).index_copy_(0, flat_idx, k.transpose(1, 2).reshape(b * t, *kbuf.shape[2:])
-                                                   .to(kbuf.dtype))
-        vbuf.view(nm, *vbuf.shape[2:]).index_copy_(0, flat_idx, v.transpose(1, 2).reshape(b * t, *vbuf.shape[2:])
-                                                   .to(vbuf.dtype))
+        write_kv(self.cache, layer, flat_idx, k, v)
         if self._range is not None:
             k_all, v_all = kbuf[self._range[0]:self._range[1], :end], vbuf[self._range[0]:self._range[1], :end]
         else:
@@ -128,7 +164,7 @@ class SlotView:
                 mask = None  # one new token per row and equal lengths: every query sees all `end` keys
             else:
                 key_pos = torch.arange(end, device=pos_BT.device)
-                mask = (key_pos[None, None, :] <= pos_BT[:, :, None])[:, None]
+                mask = additive_mask((key_pos[None, None, :] <= pos_BT[:, :, None])[:, None], self.cache.k.dtype)
             self._pos_cache[key] = (pos_BT, end, mask, flat)
         return self._pos_cache[key]
 

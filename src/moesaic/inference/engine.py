@@ -58,7 +58,8 @@ class Engine(AsyncEngineMixin):
         deterministic: run every row's forward alone so a request's output is bitwise independent of
             its batch-mates (slower: weights are read once per row instead of once per step).
         cuda_graphs: replay decode steps from CUDA graphs (inference/graphs.py); None: on when the model is
-            on CUDA and the step is capturable (MoE layers on the triton backend), else eager.
+            on CUDA and the step is capturable (MoE layers on the triton backend), else eager. On CUDA the
+            engine also fuses each layer's q/k/v weights in place (`Transformer.fuse_qkv`; same names, values).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
@@ -93,6 +94,8 @@ class Engine(AsyncEngineMixin):
 
         self.packed = prepare_cpu_weights(self.model, onednn=onednn, pack_weights=pack_weights,
                                           huge_pages=huge_pages, max_batch=max_batch)
+        if self.model.embed.weight.device.type != "cpu":  # CPU linears go through oneDNN (their own layouts)
+            self.model.fuse_qkv()  # one q/k/v matmul per layer: fewer kernels in the GPU decode step
         self.tokenizer = tokenizer
         self.deterministic = deterministic
         self.prefill_tokens = prefill_tokens

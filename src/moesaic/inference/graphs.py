@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from moesaic.inference.cache import SlotCache
+from moesaic.inference.cache import SlotCache, write_kv
+from moesaic.model.cache import additive_mask
 
 MIN_KEYS = 128
 
@@ -87,7 +88,7 @@ class StaticDecodeView:
             slots, valid = self.inputs[1], self.inputs[2] > 0
             m = self.cache.max_len
             pos = torch.where(valid, self.cache.lengths.index_select(0, slots), m - 1)[:, None]
-            mask = (self._key_pos[None, None, :] <= pos[:, :, None])[:, None]
+            mask = additive_mask((self._key_pos[None, None, :] <= pos[:, :, None])[:, None], self.cache.k.dtype)
             self._step = (pos, slots * m + pos[:, 0], mask)
         return self._step
 
@@ -100,11 +101,10 @@ class StaticDecodeView:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write k/v [B, H, 1, D] at each row's position; return keys/values [B, H, S, D] and the mask."""
         _, flat, mask = self._info()
-        slots = self.inputs[1]
+        slots, b = self.inputs[1], k.shape[0]
+        write_kv(self.cache, layer, flat, k, v)
         out = []
-        for buf, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):  # buf [N, M, H, D]
-            b, h = new.shape[0], buf.shape[2]
-            buf.view(-1, *buf.shape[2:]).index_copy_(0, flat, new.reshape(b, h, -1).to(buf.dtype))
+        for buf in (self.cache.k[layer], self.cache.v[layer]):  # buf [N, M, H, D]
             rows = buf[:b, :self.keys] if self.packed else buf[:, :self.keys].index_select(0, slots)
             out.append(rows.transpose(1, 2))
         return out[0], out[1], mask

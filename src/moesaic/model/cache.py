@@ -5,7 +5,8 @@ Shape legend: B batch rows, H kv heads, T new positions, S cached positions, Dk/
 Protocol (what attention relies on):
   cache.positions(T) -> [B, T] absolute positions of the T new tokens of each row
   cache.update(layer, k_BHTDk, v_BHTDv) -> (k_BHSDk, v_BHSDv, mask_B1TS) where mask is
-      True where a query may attend (causal and within the row's length)
+      True where a query may attend (causal and within the row's length), or the same as an
+      additive float mask in the attention's dtype (0 there, -inf elsewhere: `additive_mask`)
   cache.advance(T) after the whole forward, to commit the new positions
 """
 
@@ -23,6 +24,12 @@ class KVCache(Protocol):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
     def advance(self, t: int) -> None: ...
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as SDPA's float form (0 where allowed, -inf elsewhere) in `dtype`: made once
+    per forward, it spares every layer's SDPA the same conversion (3 kernels per layer on the GPU)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def kv_cache_dims(config) -> tuple[int, int, int]:

@@ -13,10 +13,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     The statistic is computed in fp32 and the normalised values are cast back to x's dtype before
     the weight multiplies them (transformers' order). fp32 with a [D] weight is torch's one fused
     call; otherwise F.rms_norm without weight, then the multiply (bf16, or per-head weights [H, Dh]).
+    F.rms_norm upcasts 16-bit inputs to fp32 itself and returns the input dtype, so 16-bit x goes in
+    as it is (the same values as x.float() in, .to(x.dtype) out, without those two casts' kernels).
     """
     d = x.shape[-1]
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape == x.shape[-1:]:
         return F.rms_norm(x, (d,), weight, eps)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return weight * F.rms_norm(x, (d,), None, eps)
     return weight * F.rms_norm(x.float(), (d,), None, eps).to(x.dtype)
 
 

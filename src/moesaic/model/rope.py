@@ -6,6 +6,7 @@ Shape legend: B batch, T positions, H heads, D head dim, R rotary dim (D, or les
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -76,11 +77,40 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> (cos, sin) [B, T, R] (R = rotary dim, frequencies repeated twice)."""
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """positions [B, T] -> (cos, sin) [B, T, R] (R = rotary dim, frequencies repeated twice),
+        computed in fp32 and cast to `dtype`."""
         freqs = positions_BT.float()[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return RopeTables(cos.to(dtype), sin.to(dtype))
+
+
+class RopeTables(tuple):
+    """(cos, sin) [B, T, R], unpacked like a pair, plus `sin_rot` (computed once, on first use)."""
+
+    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
+        return super().__new__(cls, (cos, sin))
+
+    @cached_property
+    def sin_rot(self) -> torch.Tensor:
+        """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * sin_rot."""
+        sin = self[1]
+        h = sin.shape[-1] // 2
+        return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
+
+
+def apply_rope_bthd(x_BTHD: torch.Tensor, cos_BTR: torch.Tensor, sin_rot_BTR: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Full rotary (R = D) of x [B, T, H, D] in 4 ops (swap the halves, 2 muls, add): the same values
+    as `apply_rope` (a negated product equals the product with the negated factor), with the heads of
+    q and k rotated together when they sit side by side in one tensor. `out` (may be x itself; no
+    autograd): written there instead of a new tensor."""
+    b, t, h, d = x_BTHD.shape
+    swapped = x_BTHD.view(b, t, h, 2, d // 2).flip(-2).view(b, t, h, d)
+    return torch.add(x_BTHD * cos_BTR[:, :, None], swapped * sin_rot_BTR[:, :, None], out=out)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,9 @@ class Transformer(nn.Module):
                          else torch.arange(t, device=input_ids.device)[None].expand(b, t))
         x = self.embed(input_ids)
         routers: list[RouterOutput] = []
-        # every layer rotates with the same tables: compute them once per forward (fp32; cast per use)
-        rope = self.blocks[0].attn.rope(positions, torch.float32)
+        # every layer rotates with the same tables: compute them once per forward (in fp32, then cast
+        # once to the activations' dtype, so no layer casts them again)
+        rope = self.blocks[0].attn.rope(positions, x.dtype)
         for blk in self.blocks:
             x, r = blk(x, positions, cache, token_mask, top_k, rope=rope)
             if r is not None:
@@ -107,6 +108,11 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- helpers
     def moe_layers(self) -> list[nn.Module]:
         return [blk.ffn for blk in self.blocks if blk.is_moe]
+
+    def fuse_qkv(self) -> int:
+        """One q/k/v projection matmul per attention layer (`Attention.fuse_qkv`: parameters become views
+        of one tensor; names, values and state dict stay). Returns the number of layers fused."""
+        return sum(bool(getattr(blk.attn, "fuse_qkv", lambda: False)()) for blk in self.blocks)
 
     def set_moe_backend(self, name: str) -> None:
         """Route every MoE layer through the named kernels backend."""
