@@ -151,7 +151,7 @@ def run_job(job: dict) -> dict:
                      seq_len=job["seq_len"], lr=job["lr"], warmup_steps=job["warmup_steps"],
                      eval_every=job["eval_every"], eval_windows=job["eval_windows"], seed=job["seed"],
                      device=job["device"], progress=False, moe_backend=job["backend"],
-                     save_final=bool(job.get("keep_runs")), cuda_graph=job.get("cuda_graph", "off"))  # an unkept checkpoint is only disk traffic
+                     save_final=bool(job.get("keep_runs")), cuda_graph=job.get("cuda_graph", "auto"))  # an unkept checkpoint is only disk traffic
     tok, data, _ = prepare_data(job["data"], cfg.vocab_size, max_chars=job["max_chars"],
                                 cache_dir=job.get("cache_dir"))
     out = Path(job["out"])
@@ -446,8 +446,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--parallel", type=int, default=4, help="jobs at a time")
-    ap.add_argument("--cuda-graph", default="off", choices=["off", "auto"],
-                    help="auto: each training step replays one CUDA graph (TrainConfig.cuda_graph)")
+    ap.add_argument("--cuda-graph", default="auto", choices=["off", "auto"],
+                    help="auto (default): each training step replays one CUDA graph (TrainConfig.cuda_graph)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: torch's default)")
     ap.add_argument("--in-process", action="store_true", help="run the jobs one by one in this process")
     ap.add_argument("--json", default="/tmp/quality/quality.json", help="results; the plot goes beside it (.png)")

@@ -93,6 +93,11 @@ def _check_keys(model, sd: dict[str, torch.Tensor], where: Path) -> None:
 
 
 # ---------------------------------------------------------- optimizer + RNG
+# AdamW options that say how a step is computed, not what it computes: a run resumed on another device (or
+# without a CUDA graph) keeps its own (a capturable or fused CUDA optimizer's flags would not fit a CPU run)
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
@@ -124,6 +129,10 @@ def _load_optimizer(model, optimizer, folder: Path) -> None:
             order.setdefault(n, len(order))
             idx.append(order[n])
         groups.append({**g, "params": idx})
+    for g, now in zip(groups, optimizer.param_groups):  # hyperparameters from the checkpoint; how the step
+        for key in IMPLEMENTATION_KEYS:                   # is computed (fused, capturable, ...) from this run
+            if key in now:
+                g[key] = now[key]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         n, field = key.split("::", 1)

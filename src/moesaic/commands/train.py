@@ -52,8 +52,8 @@ def train(
     device: str = typer.Option("auto", help="auto (cuda when available) | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA) | fp32 | bf16"),
     nonfinite: str = typer.Option("skip", help="on a non-finite loss or gradient: skip the batch, or stop"),
-    cuda_graph: str = typer.Option("off", help="auto: replay each optimizer step as one CUDA graph where "
-                                                "it can be captured (CUDA, triton experts, no accumulation)"),
+    cuda_graph: str = typer.Option("auto", help="auto: replay each optimizer step as one CUDA graph where "
+                                                 "it can be captured (CUDA, triton experts, no accumulation); off"),
     progress: bool = typer.Option(True, help="show the progress bar"),
 ) -> None:
     """Train an MoE (or dense) language model; --resume continues exactly where a run stopped."""

@@ -55,7 +55,7 @@ class TrainConfig:
     nonfinite: str = "skip"  # non-finite loss or gradient norm: skip the batch, or stop the run
     max_skipped: int = 10  # stop anyway after this many skipped batches in a row
     moe_backend: str = "auto"
-    cuda_graph: str = "off"  # "auto": capture the whole step as a CUDA graph where it can be (train/graphed.py)
+    cuda_graph: str = "auto"  # capture the whole step as a CUDA graph where it can be (train/graphed.py); "off"
     progress: bool = True
     dense_twin: str | None = None  # "active" | "total": train the dense twin too, into <out>/dense-<match>
 

@@ -98,6 +98,7 @@ class GraphedStep:
         for g in optimizer.param_groups:  # a 0-d tensor the graph reads, filled before each replay
             if not isinstance(g["lr"], torch.Tensor):
                 g["lr"] = torch.tensor(float(g["lr"]), device=dev)
+            g["capturable"] = True  # the fused AdamW keeps its step counts on the GPU already
         self.found_inf = torch.zeros((), device=dev)
         optimizer.found_inf = self.found_inf
         self.static_BS1 = batch_BS1.clone()

@@ -155,7 +155,7 @@ class Trainer:
                     self.log("CUDA graph: each optimizer step is one replay")
                 except Exception as e:  # noqa: BLE001 - any capture failure: the eager step is always right
                     reason = f"capture failed ({type(e).__name__}: {e})"
-            if reason is not None:
+            if reason is not None and self.device.type == "cuda":  # on CPU there is nothing to say
                 self.log(f"CUDA graph off: {reason}; eager steps")
         return self.graphed
 
