@@ -194,3 +194,19 @@ def test_router_keeps_an_fp32_copy_of_a_16bit_weight_until_it_changes():
     y = r.logits(x)  # with autograd: the weight itself, so gradients reach it
     y.sum().backward()
     assert r.weight.grad is not None
+
+
+
+def test_model_built_under_inference_mode_runs_in_bf16():
+    """A model made under torch.inference_mode has inference-tensor weights (no version counter): the
+    gate's cached fp32 copy must not key on one, and decode gives the plain forward's logits."""
+    from moesaic.model import build_model
+
+    cfg = ModelConfig.preset("tiny", num_experts=4, top_k=2)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = build_model(cfg).to(torch.bfloat16).eval()
+        ids = torch.randint(0, cfg.vocab_size, (2, 5))
+        a = model(ids)
+        b = model(ids)
+    assert torch.isfinite(a.float()).all() and torch.equal(a, b)

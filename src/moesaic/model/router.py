@@ -102,8 +102,8 @@ class Router(nn.Module, ABC):
         """The gate weight in fp32. A 16-bit weight's fp32 copy is kept while no gradient is asked for
         (decode casts nothing per step), renewed when the weight moves or changes in place."""
         w = self.weight
-        if w.dtype == torch.float32 or (torch.is_grad_enabled() and w.requires_grad):
-            return w.float()
+        if w.dtype == torch.float32 or (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():
+            return w.float()  # (an inference tensor has no version counter to key the copy on)
         cached = self.__dict__.get("_w32")
         if torch.compiler.is_compiling():  # tracing (the decode step, after eager warm-up): no pointer checks
             return w.float() if cached is None else cached[1]
