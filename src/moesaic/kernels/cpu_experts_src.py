@@ -77,9 +77,11 @@ BLOCK(blk_i8, int8_t, float, __m512, __m512, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F3
 
 /* y [M, O] (row stride ldy) = x [M, I] (ldx) @ w [O, I].T (ldw) (* scale [O] if given), M >= 0 rows.
    One row: M1OB weight rows at a time (1 for floats, prefetching the next row; 4 for int8, whose int8 -> fp32
-   conversion, not the memory, bounds it). Up to 4 rows: blocks of 4 weight rows x M input rows. More: blocks of 2 weight rows x 8 input rows, so that up to
-   8 rows are computed while the weights stream in (a second pass over a block reads it from L1 / L2), over chunks
-   of KC inputs (8 rows of a chunk stay in L1; later chunks add to y). */
+   conversion, not the memory, bounds it). 2-4 rows: blocks of 4 weight rows x M input rows, one pass. 5-8 rows:
+   blocks of 2 weight rows x M input rows, one pass (the rows are computed while the weights stream in). More: blocks
+   of 4 weight rows, passes of 4 input rows over chunks of KC inputs (a block's chunk stays in L1 for the later
+   passes; later chunks add to y). From memory (fine-64x8 layer) these read 25-29 GB/s at 1-4 rows and compute
+   ~50-65 GFLOP/s at 6-12 rows; from L2 they compute 95-110 GFLOP/s at 4-8 rows. */
 #define CALL(BLK, OB, MB) BLK(x + m * ldx + k, ldx, wo + k, ldw, kn, y + m * ldy + o, ldy, so, OB, MB, m == 0, k > 0)
 #define ROWS(BLK, OB, R) switch (R) {                                                                          \
     case 1: CALL(BLK, OB, 1); break; case 2: CALL(BLK, OB, 2); break; case 3: CALL(BLK, OB, 3); break;         \
@@ -92,7 +94,7 @@ BLOCK(blk_i8, int8_t, float, __m512, __m512, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F3
 static void NAME(const XT* x, int64_t ldx, int64_t M, const WT* w, int64_t ldw, int64_t O, int64_t I,          \
                  float* y, int64_t ldy, const float* scale) {                                                   \
   if (M <= 0) return;                                                                                           \
-  const int64_t ob = M == 1 ? M1OB : M <= 4 ? 4 : 2, kc = M <= 4 ? I : KC;                                                      \
+  const int64_t ob = M == 1 ? M1OB : (M <= 4 || M > 8) ? 4 : 2, kc = M <= 8 ? I : KC;                                                      \
   for (int64_t k = 0; k < I || k == 0; k += kc) {                                                               \
     const int64_t kn = I - k < kc ? I - k : kc;                                                                 \
     int64_t o = 0;                                                                                              \
@@ -101,7 +103,7 @@ static void NAME(const XT* x, int64_t ldx, int64_t M, const WT* w, int64_t ldw, 
       const float* so = scale ? scale + o : NULL;                                                               \
       int64_t m = 0;                                                                                            \
       if (ob == 1) { CALL(BLK, 1, 1); continue; }                                                               \
-      if (ob == 4) { ROWS4(BLK, M) continue; }                                                                  \
+      if (ob == 4) { for (; m + 4 <= M; m += 4) CALL(BLK, 4, 4); ROWS4(BLK, M - m) continue; }                  \
       for (; m + 8 <= M; m += 8) CALL(BLK, 2, 8);                                                               \
       ROWS(BLK, 2, M - m)                                                                                       \
     }                                                                                                           \
