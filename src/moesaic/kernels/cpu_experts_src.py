@@ -75,6 +75,32 @@ BLOCK(blk_f32, float, float, __m512, __m512, 16, F32_LOAD, F32_LOAD, F32_TLOAD, 
 BLOCK(blk_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, BF_LOAD, BF_LOAD, BF_TLOAD, BF_TLOAD, BF_FMA, 1)
 BLOCK(blk_i8, int8_t, float, __m512, __m512, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA, (i & 63) == 0)
 
+/* One input row against weight rows one by one, four accumulators over four vectors a step, prefetching 4 KiB ahead
+   into L2 (the loop of `cpu_gemv`). */
+#define ROW1(NAME, WT, XT, STEP, LOADW, LOADX, TLOADW, TLOADX, FMA)                                           \
+static void NAME(const XT* x, const WT* w, int64_t ldw, int64_t O, int64_t I, float* y) {                      \
+  const int64_t i4 = I - I % (4 * STEP), iv = I - I % STEP;                                                     \
+  for (int64_t o = 0; o < O; o++) {                                                                             \
+    const WT* r = w + o * ldw;                                                                                  \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();\
+    int64_t i = 0;                                                                                              \
+    for (; i < i4; i += 4 * STEP) {                                                                             \
+      for (int u = 0; u < 4; u++) _mm_prefetch((const char*)(r + i + u * STEP) + 4096, _MM_HINT_T1);          \
+      a0 = FMA(a0, LOADW(r + i), LOADX(x + i));                                                                 \
+      a1 = FMA(a1, LOADW(r + i + STEP), LOADX(x + i + STEP));                                                   \
+      a2 = FMA(a2, LOADW(r + i + 2 * STEP), LOADX(x + i + 2 * STEP));                                           \
+      a3 = FMA(a3, LOADW(r + i + 3 * STEP), LOADX(x + i + 3 * STEP));                                           \
+    }                                                                                                           \
+    for (; i < iv; i += STEP) a0 = FMA(a0, LOADW(r + i), LOADX(x + i));                                        \
+    if (i < I) a1 = FMA(a1, TLOADW(r + i, I - i), TLOADX(x + i, I - i));                                       \
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));                 \
+  }                                                                                                             \
+}
+
+ROW1(row1_f32, float, float, 16, F32_LOAD, F32_LOAD, F32_TLOAD, F32_TLOAD, F32_FMA)
+ROW1(row1_bf16, uint16_t, uint16_t, 32, BF_LOAD, BF_LOAD, BF_TLOAD, BF_TLOAD, BF_FMA)
+ROW1(row1_i8, int8_t, float, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA)  /* unused: int8 takes 4 rows */
+
 /* y [M, O] (row stride ldy) = x [M, I] (ldx) @ w [O, I].T (ldw) (* scale [O] if given), M >= 0 rows.
    One row: M1OB weight rows at a time (1 for floats, prefetching the next row; 4 for int8, whose int8 -> fp32
    conversion, not the memory, bounds it). 2-4 rows: blocks of 4 weight rows x M input rows, one pass. 5-8 rows:
@@ -90,10 +116,11 @@ BLOCK(blk_i8, int8_t, float, __m512, __m512, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F3
 #define ROWS4(BLK, R) switch (R) {                                                                             \
     case 1: CALL(BLK, 4, 1); break; case 2: CALL(BLK, 4, 2); break; case 3: CALL(BLK, 4, 3); break;            \
     case 4: CALL(BLK, 4, 4); break; }
-#define SKINNY(NAME, BLK, WT, XT, KC, M1OB)                                                                           \
+#define SKINNY(NAME, BLK, WT, XT, KC, M1OB, R1)                                                                 \
 static void NAME(const XT* x, int64_t ldx, int64_t M, const WT* w, int64_t ldw, int64_t O, int64_t I,          \
                  float* y, int64_t ldy, const float* scale) {                                                   \
   if (M <= 0) return;                                                                                           \
+  if (M == 1 && M1OB == 1 && !scale) { R1(x, w, ldw, O, I, y); return; }                                        \
   const int64_t ob = M == 1 ? M1OB : (M <= 4 || M > 8) ? 4 : 2, kc = M <= 8 ? I : KC;                                                      \
   for (int64_t k = 0; k < I || k == 0; k += kc) {                                                               \
     const int64_t kn = I - k < kc ? I - k : kc;                                                                 \
@@ -117,9 +144,9 @@ static void NAME(const XT* x, int64_t ldx, int64_t M, const WT* w, int64_t ldw, 
   }                                                                                                             \
 }
 
-SKINNY(skinny_f32, blk_f32, float, float, 512, 1)
-SKINNY(skinny_bf16, blk_bf16, uint16_t, uint16_t, 1024, 1)
-SKINNY(skinny_i8, blk_i8, int8_t, float, 512, 4)
+SKINNY(skinny_f32, blk_f32, float, float, 512, 1, row1_f32)
+SKINNY(skinny_bf16, blk_bf16, uint16_t, uint16_t, 1024, 1, row1_bf16)
+SKINNY(skinny_i8, blk_i8, int8_t, float, 512, 4, row1_i8)
 
 static inline __m512 exp512(__m512 x) {  /* Cephes expf: ~1 ulp on [-87, 88] */
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
