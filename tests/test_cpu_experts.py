@@ -36,7 +36,8 @@ TOL = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-5}
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("f,d", [(64, 48), (9, 37), (40, 100)])  # widths that are and are not multiples of 16 / 32
+# widths that are and are not multiples of 16 / 32; d=1100: more than one chunk of inputs (KC) at > 8 rows
+@pytest.mark.parametrize("f,d", [(64, 48), (9, 37), (40, 100), (24, 1100)])
 @pytest.mark.parametrize("counts", [[0, 1, 7, 3, 0], [17, 0, 0, 0, 0], [1, 1, 1, 1, 1], [4, 0, 5, 2, 8],
                                     [9, 2, 0, 6, 12]])  # 0 rows, 1 row, blocks of 4 / 8 and their remainders
 @pytest.mark.parametrize("threads", [1, 2])
@@ -62,15 +63,19 @@ def test_max_rows_computes_only_the_small_experts():
     assert cpu_experts.experts(x, counts, w13, w2, max_rows=1).shape == (15, 32)  # nothing small enough: no call
 
 
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("d", [48, 70])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_token_sums_its_experts(threads):
+def test_one_token_sums_its_experts(kind, d, threads):
     torch.manual_seed(0)
-    w13, w2, r13, r2 = _weights("int8", 6, 40, 48)
-    x = torch.randn(1, 48)
+    w13, w2, r13, r2 = _weights(kind, 6, 40, d)
+    x = torch.randn(1, d).to(torch.bfloat16 if kind == "bf16" else torch.float32)
     ids, ws = [4, -1, 0, 5], [0.5, 0.3, 0.15, 0.05]
     got = cpu_experts.one_token(x, ids, ws, w13, w2, threads=threads)
-    want = sum(w * (swiglu(x @ r13[e].t()) @ r2[e].t()) for e, w in zip(ids, ws) if e >= 0)
-    assert got.shape == (1, 48) and (got - want).abs().max() <= 1e-5 * want.abs().max()
+    want = sum(w * _plain(x, [1], r13[e:e + 1], r2[e:e + 1]) for e, w in zip(ids, ws) if e >= 0)
+    assert got.shape == (1, d) and got.dtype == x.dtype
+    assert (got.float() - want).abs().max() <= 2 * TOL[kind] * want.abs().max()
+    assert torch.equal(cpu_experts.one_token(x, [-1, -1], [0.5, 0.5], w13, w2), torch.zeros(1, d, dtype=x.dtype))
 
 
 def test_usable_only_where_it_applies():
