@@ -7,10 +7,10 @@ Shape legend: N rows sorted by expert, D model dim, F expert hidden, G = 2F, E e
 
 Why: at batch 8-32 each chosen expert gets ~1-8 rows. oneDNN's small-M matmuls cost a per-call overhead
 and stream weights poorly there (fine-64x8 at batch 32: 93 of a 112 ms step in the experts, 64 experts x
-4 layers x 2 matmuls per step). The kernel here is a skinny GEMM: a block of 4 weight rows is read once
-(prefetched a block ahead) and multiplied with up to 4 input rows at a time in 16 accumulators; more rows
-re-read the block from L1/L2. SwiGLU runs in C between the two matmuls (a vector exp), and the whole layer
-is one ctypes call (the GIL is released), so two threads can split the groups (`threads=2`).
+4 layers x 2 matmuls per step). The kernel here is a skinny GEMM (see `cpu_experts_src`): blocks of weight rows
+read once, prefetched a block ahead, multiplied with all (up to 8) of the expert's rows at once; one row goes
+weight row by weight row as in `cpu_gemv`. SwiGLU runs in C between the two matmuls (a vector exp), and the whole
+layer is one ctypes call (the GIL is released), so two threads can split the groups (`threads=2`).
 Weights: fp32, bf16 (`vdpbf16ps`, fp32 accumulation; the SwiGLU output is rounded to bf16 for the down
 projection, as the bf16 reference does), or int8 with per-row fp32 scales (x in fp32, int8 -> fp32 once per
 weight vector for all of an expert's rows). Built by `cpu_gemv.build` (cc -O3 -march=native, AVX-512 BW +
