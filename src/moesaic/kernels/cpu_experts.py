@@ -50,21 +50,10 @@ def available() -> bool:
     return _library() is not None
 
 
-MAX_ROWS = 8  # experts with more rows (batch 32 on few experts, prefill) keep oneDNN's blocked GEMMs
-BIG_EXPERT = 1 << 22  # parameters of one expert (w13 + w2) from which only MAX_ROWS_BIG rows go to the C kernel
-MAX_ROWS_BIG = 4
-MAX_ROWS_INT8 = 16
-
-
-def max_rows(w13) -> int:
-    """How many rows of one expert the C kernel takes. At 5-8 rows it computes ~50-65 GFLOP/s from memory, oneDNN's
-    blocked kernels ~55-63 without their per-call cost: for large experts (coarse-8x2, 8.7M parameters) oneDNN wins
-    (batch-32 steps 0.92x with the C kernel up to 8 rows, 0.98x up to 4, same-process A/B at 1 thread), for small
-    ones the per-call cost decides (fine-64x8, 1.6M: 1.74x up to 8 rows against 1.31x up to 4 at 2 threads)."""
-    if getattr(w13, "q", w13).dtype == torch.int8:
-        return MAX_ROWS_INT8
-    e, g, d = w13.shape
-    return MAX_ROWS_BIG if g * d * 3 // 2 >= BIG_EXPERT else MAX_ROWS
+# Experts with more rows than this (prefill, big batches) keep oneDNN's blocked GEMMs / torch's int8 matmul. With the
+# prefetches 3-12 blocks ahead the C kernel beats oneDNN up to 16 rows on both benchmark shapes (coarse-8x2 batch-32
+# steps 1.06-1.08x, where with one block of prefetch it lost 0.92x at up to 8 rows); int8 shares its conversion.
+MAX_ROWS = 16
 
 
 def usable(x_ND: torch.Tensor, w13, w2) -> bool:

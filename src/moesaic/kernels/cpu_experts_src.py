@@ -28,7 +28,12 @@ static inline __attribute__((always_inline)) void NAME(const XT* x, int64_t ldx,
     for (int o = 0; o < OB; o++) {                                                                              \
       wv[o] = LOADW(w + o * ldw + i);                                                                           \
       __asm__("" : "+v"(wv[o]));                                                                                \
-      if (pf && (PFCOND)) _mm_prefetch((const char*)(w + (o + OB) * ldw + i), _MM_HINT_T1);                    \
+      if (pf && (PFCOND)) { /* the next block into L2, and 3, 6, 12 blocks ahead (T2): more lines in flight */  \
+        _mm_prefetch((const char*)(w + (o + OB) * ldw + i), _MM_HINT_T1);                                      \
+        _mm_prefetch((const char*)(w + (o + 3 * OB) * ldw + i), _MM_HINT_T2);                                  \
+        _mm_prefetch((const char*)(w + (o + 6 * OB) * ldw + i), _MM_HINT_T2);                                  \
+        _mm_prefetch((const char*)(w + (o + 12 * OB) * ldw + i), _MM_HINT_T2);                                 \
+      }                                                                                                         \
     }                                                                                                           \
     /* one input row at a time, in a register (gcc would otherwise fold it into each FMA as a memory operand) */ \
     for (int m = 0; m < MB; m++) {                                                                              \
@@ -106,8 +111,8 @@ ROW1(row1_i8, int8_t, float, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA
    conversion, not the memory, bounds it). 2-4 rows: blocks of 4 weight rows x M input rows, one pass. 5-8 rows:
    blocks of 2 weight rows x M input rows, one pass (the rows are computed while the weights stream in). More: blocks
    of 4 weight rows, passes of 4 input rows over chunks of KC inputs (a block's chunk stays in L1 for the later
-   passes; later chunks add to y). From memory (fine-64x8 layer) these read 25-29 GB/s at 1-4 rows and compute
-   ~50-65 GFLOP/s at 6-12 rows; from L2 they compute 95-110 GFLOP/s at 4-8 rows. */
+   passes; later chunks add to y). From memory (fine-64x8 layer, huge pages) these read 25-32 GB/s at 1-4 rows and
+   compute 55-67 GFLOP/s at 8 rows; from L2 95-110 GFLOP/s at 4-8 rows. */
 #define CALL(BLK, OB, MB) BLK(x + m * ldx + k, ldx, wo + k, ldw, kn, y + m * ldy + o, ldy, so, OB, MB, m == 0, k > 0)
 #define ROWS(BLK, OB, R) switch (R) {                                                                          \
     case 1: CALL(BLK, OB, 1); break; case 2: CALL(BLK, OB, 2); break; case 3: CALL(BLK, OB, 3); break;         \

@@ -129,7 +129,7 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     counts = counts_E.tolist()
     small = 0  # experts with at most this many rows go to one grouped C call (cpu_experts), the others one by one
     if cpu_experts.usable(x_ND, w13_EGD, w2_EDF):
-        small = cpu_experts.max_rows(w13_EGD) if cpu_experts.MAX_ROWS else 0
+        small = cpu_experts.MAX_ROWS
         y_ND = cpu_experts.experts(x_ND, counts, w13_EGD, w2_EDF, threads=min(2, torch.get_num_threads()),
                                    max_rows=small)
     else:
