@@ -110,3 +110,16 @@ def test_moe_backends_through_the_c_experts_match_reference(kind, t):
         # int8 experts above MAX_ROWS rows go through torch's int8 matmul, which takes bf16 activations
         tol = 2e-2 if kind == "int8" and t > cpu_experts.MAX_ROWS else 2 * TOL[kind]
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max() + 1e-6
+
+
+def test_two_threads_work_in_a_forked_child():
+    import multiprocessing as mp
+
+    torch.manual_seed(0)
+    w13, w2, _, _ = _weights("fp32", 4, 16, 32)
+    x = torch.randn(6, 32)
+    cpu_experts.experts(x, [2, 2, 1, 1], w13, w2, threads=2)  # the parent's helper thread exists now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(cpu_experts.experts, (x, [2, 2, 1, 1], w13, w2, 2)).get(timeout=60)
+    assert torch.equal(got, cpu_experts.experts(x, [2, 2, 1, 1], w13, w2, threads=1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -74,8 +75,13 @@ def usable(x_ND: torch.Tensor, w13, w2) -> bool:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
+def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="moesaic-experts")
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The helper thread of this process (a forked child gets its own: the parent's thread does not survive fork)."""
+    return _pool_of(os.getpid())
 
 
 def _split(counts: list[int], cost_per_expert: float) -> int:
