@@ -123,3 +123,25 @@ def test_two_threads_work_in_a_forked_child():
     with ctx.Pool(1) as pool:
         got = pool.apply_async(cpu_experts.experts, (x, [2, 2, 1, 1], w13, w2, 2)).get(timeout=60)
     assert torch.equal(got, cpu_experts.experts(x, [2, 2, 1, 1], w13, w2, threads=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_greedy_at_two_threads_matches_naive_loop(dtype):
+    """Batched decode through the grouped C experts split over two threads: the naive loop's tokens (fp32), or a
+    batch-of-one run's tokens (bf16, whose naive loop rounds differently)."""
+    from moesaic.inference import Engine, SamplingParams
+    from test_engine import naive_greedy, prompts_of, tiny_model
+
+    if "onednn" not in kernels.available_backends():
+        pytest.skip("onednn backend not available")
+    model = tiny_model().to(dtype)
+    prompts = prompts_of([5, 11, 2, 8])
+    torch.set_num_threads(2)  # conftest restores it
+    eng = Engine(model, max_batch=4, backend="onednn")
+    outs = eng.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    if dtype == torch.float32:
+        want = [naive_greedy(model, p, 8, set()) for p in prompts]
+    else:
+        alone = Engine(model, max_batch=1, backend="onednn")
+        want = [o.token_ids for o in alone.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
+    assert [o.token_ids for o in outs] == want
