@@ -145,3 +145,9 @@ def test_engine_greedy_at_two_threads_matches_naive_loop(dtype):
         alone = Engine(model, max_batch=1, backend="onednn")
         want = [o.token_ids for o in alone.generate(prompts, SamplingParams(max_tokens=8, temperature=0))]
     assert [o.token_ids for o in outs] == want
+
+
+def test_split_halves_the_work_and_gives_both_threads_some():
+    assert cpu_experts._split([4] * 8) == 4
+    assert cpu_experts._split([30, 1, 1]) == 1  # one big expert: it alone on this thread, the rest on the helper
+    assert 1 <= cpu_experts._split([1, 1]) <= 1
