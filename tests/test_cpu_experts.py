@@ -150,4 +150,26 @@ def test_engine_greedy_at_two_threads_matches_naive_loop(dtype):
 def test_split_halves_the_work_and_gives_both_threads_some():
     assert cpu_experts._split([4] * 8) == 4
     assert cpu_experts._split([30, 1, 1]) == 1  # one big expert: it alone on this thread, the rest on the helper
-    assert 1 <= cpu_experts._split([1, 1]) <= 1
+    assert cpu_experts._split([1, 1]) == 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+@pytest.mark.parametrize("o,i", [(64, 48), (37, 50), (300, 1100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_skinny_linear_matches_f_linear(dtype, tol, m, o, i, threads):
+    import torch.nn.functional as F
+
+    from moesaic.kernels.onednn import cpu_linear
+
+    w, x = torch.randn(o, i).to(dtype), torch.randn(m, i).to(dtype)
+    assert cpu_experts.linear_usable(x, w)
+    want = F.linear(x.float(), w.float())
+    got = cpu_experts.linear(x, w, threads=threads)
+    assert got.dtype == dtype and (got.float() - want).abs().max() <= tol * want.abs().max()
+    with torch.inference_mode():  # the engine's linears (OneDNNLinear) reach it through cpu_linear
+        b = torch.randn(o).to(dtype)
+        assert (cpu_linear(x, w, b).float() - want - b.float()).abs().max() <= 2 * tol * want.abs().max()
+    assert not cpu_experts.linear_usable(x[:1], w)  # one row: cpu_gemv
+    assert not cpu_experts.linear_usable(torch.randn(9, i).to(dtype), w)  # more rows: oneDNN
+    assert not cpu_experts.linear_usable(x, w.t().contiguous().t())

@@ -43,6 +43,10 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I]
         fn.restype = None
+    for name in ("moesaic_linear_f32", "moesaic_linear_bf16"):  # x, ldx, M, w, ldw, O, I, y, ldy
+        fn = getattr(lib, name)
+        fn.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I]
+        fn.restype = None
     return lib
 
 
@@ -177,3 +181,40 @@ def _fp32_scales(scale: torch.Tensor) -> torch.Tensor:
         cached = (scale._version, scale.to(torch.float32).contiguous())
         scale._moesaic_fp32 = cached
     return cached[1]
+
+
+LINEAR_MAX_ROWS = 8
+
+
+def linear_usable(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    """Whether `linear` applies: 2..LINEAR_MAX_ROWS CPU fp32 / bf16 rows, a weight of that dtype with contiguous rows,
+    no gradient wanted."""
+    return (x_MI.dim() == 2 and 2 <= x_MI.shape[0] <= LINEAR_MAX_ROWS and x_MI.dtype in (torch.float32, torch.bfloat16)
+            and w_OI.dtype == x_MI.dtype and x_MI.device.type == "cpu" and w_OI.device.type == "cpu"
+            and w_OI.dim() == 2 and w_OI.shape[1] == x_MI.shape[1] and w_OI.stride(1) == 1
+            and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad)) and available())
+
+
+def linear(x_MI: torch.Tensor, w_OI: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """x [M, I] @ w [O, I].T -> [M, O] in x's dtype (fp32 accumulation) through the skinny kernel. threads = 2 splits
+    the outputs."""
+    m, i = x_MI.shape
+    o = w_OI.shape[0]
+    x = _padded(m, i, x_MI.dtype).copy_(x_MI)
+    y = torch.empty((m, o), dtype=torch.float32)
+    lib = _library()
+    fn = lib.moesaic_linear_bf16 if x.dtype == torch.bfloat16 else lib.moesaic_linear_f32
+    es = w_OI.element_size()
+
+    def part(a: int, b: int):
+        return (x.data_ptr(), x.stride(0), m, w_OI.data_ptr() + a * w_OI.stride(0) * es, w_OI.stride(0), b - a, i,
+                y.data_ptr() + a * 4, o)
+
+    cut = (o // 2) & ~7 if threads > 1 and o >= 64 else o
+    if 0 < cut < o:
+        job = _pool().submit(fn, *part(cut, o))
+        fn(*part(0, cut))
+        job.result()
+    else:
+        fn(*part(0, o))
+    return y if x_MI.dtype == torch.float32 else y.to(x_MI.dtype)

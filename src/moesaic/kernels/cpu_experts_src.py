@@ -212,4 +212,10 @@ void NAME(const XT* x, int64_t ldx, const int64_t* groups, int64_t g0, int64_t g
 EXPERTS(moesaic_experts_f32, skinny_f32, float, float, 0)
 EXPERTS(moesaic_experts_bf16, skinny_bf16, uint16_t, uint16_t, 1)
 EXPERTS(moesaic_experts_i8, skinny_i8, int8_t, float, 0)
+
+/* A linear's few rows: y [M, O] fp32 (ldy) = x [M, I] (ldx) @ w [O, I].T (ldw). */
+void moesaic_linear_f32(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t O, int64_t I,
+                        float* y, int64_t ldy) { skinny_f32(x, ldx, M, w, ldw, O, I, y, ldy, NULL); }
+void moesaic_linear_bf16(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t ldw, int64_t O,
+                         int64_t I, float* y, int64_t ldy) { skinny_bf16(x, ldx, M, w, ldw, O, I, y, ldy, NULL); }
 """
