@@ -8,7 +8,7 @@ Shape legend: N rows sorted by expert, D model dim, F expert hidden, G = 2F, E e
 Why: at batch 8-32 each chosen expert gets ~1-8 rows. oneDNN's small-M matmuls cost a per-call overhead
 and stream weights poorly there (fine-64x8 at batch 32: 93 of a 112 ms step in the experts, 64 experts x
 4 layers x 2 matmuls per step). The kernel here is a skinny GEMM (see `cpu_experts_src`): blocks of weight rows
-read once, prefetched a block ahead, multiplied with all (up to 8) of the expert's rows at once; one row goes
+read once, prefetched 1-12 blocks ahead, multiplied with all (up to 8) of the expert's rows at once; one row goes
 weight row by weight row as in `cpu_gemv`. SwiGLU runs in C between the two matmuls (a vector exp), and the whole
 layer is one ctypes call (the GIL is released), so two threads can split the groups (`threads=2`).
 Weights: fp32, bf16 (`vdpbf16ps`, fp32 accumulation; the SwiGLU output is rounded to bf16 for the down
