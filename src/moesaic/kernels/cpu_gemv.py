@@ -172,27 +172,36 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Build (once per source, flags and machine) and load the kernel library; None when it cannot be."""
+def build(source: str, stem: str) -> ctypes.CDLL | None:
+    """Compile C `source` (once per source, flags and machine) into the cache folder and load it; None where it
+    cannot be (no compiler, not Linux x86-64, no AVX-512 BW + BF16, or the build failed). Shared with
+    `cpu_experts`."""
     cc = shutil.which(os.environ.get("CC", "cc"))
-    needed = {"avx512f", "avx512bw", "avx512_bf16"}  # the bf16 kernel's instructions are compiled in too
+    needed = {"avx512f", "avx512bw", "avx512_bf16"}  # the bf16 kernels' instructions are compiled in too
     if cc is None or platform.system() != "Linux" or platform.machine() != "x86_64" or not needed <= _cpu_flags():
         return None
     # -march=native: the binary is for this CPU; a cache folder shared by other machines gets one file per CPU
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, cc, *sorted(_cpu_flags())]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"gemv_{key}.so"
+    key = hashlib.sha256("\0".join([source, *_FLAGS, cc, *sorted(_cpu_flags())]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"{stem}_{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src = Path(tmp) / "gemv.c"
-                src.write_text(_SOURCE)
+                src = Path(tmp) / f"{stem}.c"
+                src.write_text(source)
                 out = Path(tmp) / path.name
                 subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
                 os.replace(out, path)  # atomic: a concurrent build or reader never sees half a file
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The GEMV kernels, built and loaded (None when they cannot be)."""
+    lib = build(_SOURCE, "gemv")
+    if lib is None:
         return None
     for fn in (lib.moesaic_gemv_f32, lib.moesaic_gemv_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moesaic.kernels import cpu_gemv
+from moesaic.kernels import cpu_experts, cpu_gemv
 
 
 def onednn_expert_linear(x_MI: torch.Tensor, w: torch.Tensor, e: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ def transpose_for_gemv(w: torch.Tensor) -> torch.Tensor:
     return w.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+SKINNY_LINEARS = True
 _ONEDNN_MIN_WEIGHT = 1 << 16  # smaller matrices: oneDNN's per-call cost outweighs its bandwidth gain
 
 
@@ -120,6 +121,9 @@ def cpu_linear(x_MI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | No
             and onednn_supports(x_MI, w_OI) and (bias_O is None or bias_O.dtype == x_MI.dtype):
         if w_OI.stride(-1) == 1 and cpu_gemv.usable(x_MI, w_OI):
             y = cpu_gemv.gemv(x_MI, w_OI)
+            return y if bias_O is None else y.add_(bias_O)
+        if SKINNY_LINEARS and cpu_experts.linear_usable(x_MI, w_OI):  # a few rows: the skinny C kernel
+            y = cpu_experts.linear(x_MI, w_OI, threads=min(2, torch.get_num_threads()))
             return y if bias_O is None else y.add_(bias_O)
         packed = _packed(w_OI) if x_MI.shape[0] > 1 or x_MI.dtype == torch.bfloat16 else None
         return torch.ops.mkldnn._linear_pointwise(x_MI, w_OI if packed is None else packed, bias_O, "none", [], "")
