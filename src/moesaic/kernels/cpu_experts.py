@@ -160,7 +160,7 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
 
 def _padded(n: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """An [n, cols] buffer whose row stride is 64 bytes more than a row (rows 4 KiB apart alias in L1)."""
-    pad = 64 // torch.empty((), dtype=dtype).element_size()
+    pad = 64 // dtype.itemsize
     return torch.empty((n, cols + pad), dtype=dtype)[:, :cols]
 
 
