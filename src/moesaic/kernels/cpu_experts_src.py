@@ -215,6 +215,13 @@ EXPERTS(moesaic_experts_f32, skinny_f32, float, float, 0)
 EXPERTS(moesaic_experts_bf16, skinny_bf16, uint16_t, uint16_t, 1)
 EXPERTS(moesaic_experts_i8, skinny_i8, int8_t, float, 0)
 
+/* One token's combine: out [D] = sum_k wk[k] * y[k, :] over its K expert outputs y [K, D] (fp32, slot order). */
+void moesaic_combine_f32(const float* y, const float* wk, int64_t K, int64_t D, float* out) {
+  for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+  for (int64_t k = 0; k < K; k++)
+    for (int64_t d = 0; d < D; d++) out[d] += wk[k] * y[k * D + d];
+}
+
 /* A linear's few rows: y [M, O] fp32 (ldy) = x [M, I] (ldx) @ w [O, I].T (ldw). */
 void moesaic_linear_f32(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t O, int64_t I,
                         float* y, int64_t ldy) { skinny_f32(x, ldx, M, w, ldw, O, I, y, ldy, NULL); }
