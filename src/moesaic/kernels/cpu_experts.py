@@ -122,10 +122,11 @@ def one_token(x_1D: torch.Tensor, ids: list[int], weights: list[float], w13, w2,
     picked = [(e, w) for e, w in zip(ids, weights, strict=True) if e >= 0]
     k = len(picked)
     y = _run(x_1D, [(e, s, 1) for s, (e, _) in enumerate(picked)], k, w13, w2, threads, same_row=True)
-    out = torch.zeros((1, y.shape[1]), dtype=torch.float32)
-    if k:  # the weighted sum in C: a weights tensor and a matmul were 2 more ATen ops (~60 us with cold caches)
-        _library().moesaic_combine_f32(y.data_ptr(), (ctypes.c_float * k)(*[w for _, w in picked]), k, y.shape[1],
-                                       out.data_ptr())
+    out = torch.empty((1, y.shape[1]), dtype=torch.float32)
+    # the weighted sum in C (it zeroes out first): a weights tensor and a matmul were 2 more ATen ops (~60 us with
+    # cold caches)
+    _library().moesaic_combine_f32(y.data_ptr(), (ctypes.c_float * max(k, 1))(*[w for _, w in picked]), k,
+                                   y.shape[1], out.data_ptr())
     return out.to(x_1D.dtype)
 
 
