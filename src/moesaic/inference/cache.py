@@ -131,7 +131,9 @@ class SlotView:
         """[B, T] absolute positions of the new tokens of each row."""
         if t not in self._pos_cache:  # the layers all ask for the same positions before advance()
             base = self._rows(self.cache.lengths)
-            self._pos_cache[t] = base[:, None] + torch.arange(t, device=base.device)[None, :]
+            # one new token (decode): the lengths themselves, copied (advance() changes them in place)
+            self._pos_cache[t] = (base[:, None].clone() if t == 1
+                                  else base[:, None] + torch.arange(t, device=base.device)[None, :])
         return self._pos_cache[t]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -155,7 +157,10 @@ class SlotView:
         key = -t - 1
         if key not in self._pos_cache:
             pos_BT = self.positions(t)
-            lo, hi = torch.stack(torch.aminmax(pos_BT[:, -1])).tolist()  # one host sync
+            if pos_BT.shape[0] == 1:  # one row: one read, nothing to compare
+                lo = hi = int(pos_BT[0, -1])
+            else:
+                lo, hi = torch.stack(torch.aminmax(pos_BT[:, -1])).tolist()  # one host sync
             end = hi + 1
             if end > self.cache.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions needed, a slot holds {self.cache.max_len}")
@@ -169,6 +174,9 @@ class SlotView:
         return self._pos_cache[key]
 
     def advance(self, t: int) -> None:
-        step = torch.full_like(self._idx, t) if self._n_new is None else self._n_new.clamp(max=t)
-        self.cache.lengths.index_add_(0, self._idx, step)
+        if self._n_new is None and self._range is not None:  # packed slots (the usual decode): one in-place add
+            self.cache.lengths[self._range[0]:self._range[1]] += t
+        else:
+            step = torch.full_like(self._idx, t) if self._n_new is None else self._n_new.clamp(max=t)
+            self.cache.lengths.index_add_(0, self._idx, step)
         self._pos_cache.clear()

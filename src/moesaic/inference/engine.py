@@ -261,8 +261,9 @@ class Engine(AsyncEngineMixin):
         logits_BV = logits_BV.float().cpu()
         plain = [i for i, r in enumerate(reqs) if r.params.greedy and not r.needs_penalties]
         tokens: dict[int, int] = {}
-        if plain:  # one batched argmax for the plain greedy rows
-            for i, t in zip(plain, logits_BV[plain].argmax(-1).tolist(), strict=True):
+        if plain:  # one batched argmax for the plain greedy rows (all rows: no gather of their logits first)
+            rows = logits_BV if len(plain) == len(reqs) else logits_BV[plain]
+            for i, t in zip(plain, rows.argmax(-1).tolist(), strict=True):
                 tokens[i] = t
         for i, r in enumerate(reqs):
             if i not in tokens:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moesaic.inference.cpu_norms import use_cpu_norms
 from moesaic.inference.hugepages import move_to_huge_pages
 from moesaic.kernels import cpu_gemv
 from moesaic.kernels.onednn import _ONEDNN_MIN_WEIGHT, onednn_available, transpose_for_gemv, unpack_onednn
@@ -108,7 +109,8 @@ def auto_pack(model: nn.Module, max_batch: int) -> bool:
 
 def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,
                         huge_pages: bool = True, max_batch: int = 1) -> bool:
-    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), huge pages
+    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`) and the C RMS norms
+    (`inference.cpu_norms`; both only with onednn), huge pages
     (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
     if model.embed.weight.device.type != "cpu":
@@ -117,6 +119,8 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     # one-row fp32 steps read w2 fastest row-major through the C GEMV, else stored transposed (MKL's x @ W)
     transpose = False if cpu_gemv.available() else (True if pack or max_batch == 1 else None)
     used = onednn and use_onednn(model, transpose_w2=transpose)
+    if onednn:
+        use_cpu_norms(model)
     if huge_pages:
         move_to_huge_pages(model)
     pack = used and pack

@@ -47,6 +47,8 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I]
         fn.restype = None
+    lib.moesaic_combine_f32.argtypes = [_P, _P, _I, _I, _P]  # y, wk, K, D, out
+    lib.moesaic_combine_f32.restype = None
     return lib
 
 
@@ -118,8 +120,13 @@ def one_token(x_1D: torch.Tensor, ids: list[int], weights: list[float], w13, w2,
     """One token's MoE output [1, D] in x's dtype: sum_k weights[k] * expert ids[k] (x), ids < 0 skipped (fp32
     accumulation). Check `usable` first."""
     picked = [(e, w) for e, w in zip(ids, weights, strict=True) if e >= 0]
-    y = _run(x_1D, [(e, k, 1) for k, (e, _) in enumerate(picked)], len(picked), w13, w2, threads, same_row=True)
-    out = torch.tensor([[w for _, w in picked]], dtype=torch.float32) @ y
+    k = len(picked)
+    y = _run(x_1D, [(e, s, 1) for s, (e, _) in enumerate(picked)], k, w13, w2, threads, same_row=True)
+    out = torch.empty((1, y.shape[1]), dtype=torch.float32)
+    # the weighted sum in C (it zeroes out first): a weights tensor and a matmul were 2 more ATen ops (~60 us with
+    # cold caches)
+    _library().moesaic_combine_f32(y.data_ptr(), (ctypes.c_float * max(k, 1))(*[w for _, w in picked]), k,
+                                   y.shape[1], out.data_ptr())
     return out.to(x_1D.dtype)
 
 
@@ -132,12 +139,15 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
     y = torch.empty((n, d), dtype=torch.float32)
     if not groups:
         return y
-    gt = torch.tensor(groups, dtype=torch.int64)
+    gt = (ctypes.c_int64 * (3 * len(groups)))(*[v for grp in groups for v in grp])  # no tensor: one op fewer
     h = _padded(n, g_all, torch.float32)
     lib = _library()
     q13, q2 = getattr(w13, "q", w13), getattr(w2, "q", w2)
     xdt = torch.float32 if q13.dtype == torch.int8 else x_ND.dtype
-    x = _padded(x_ND.shape[0], d, xdt).copy_(x_ND)
+    if x_ND.shape[0] == 1 and x_ND.dtype == xdt and x_ND.stride(1) == 1:
+        x = x_ND  # one row (decode): read in place (the padding only keeps several rows apart in L1)
+    else:
+        x = _padded(x_ND.shape[0], d, xdt).copy_(x_ND)
     if q13.dtype == torch.int8:
         sc13, sc2 = _fp32_scales(w13.scale), _fp32_scales(w2.scale)
         fn, a, p13, p2 = lib.moesaic_experts_i8, h, sc13.data_ptr(), sc2.data_ptr()
@@ -145,7 +155,7 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
         bf16 = x.dtype == torch.bfloat16
         a = _padded(n, f, torch.bfloat16) if bf16 else h
         fn, p13, p2 = (lib.moesaic_experts_bf16 if bf16 else lib.moesaic_experts_f32), None, None
-    args = (x.data_ptr(), 0 if same_row else x.stride(0), gt.data_ptr())
+    args = (x.data_ptr(), 0 if same_row else x.stride(0), ctypes.addressof(gt))
     rest = (q13.data_ptr(), q13.stride(0), q13.stride(1), p13, q2.data_ptr(), q2.stride(0), q2.stride(1), p2,
             h.data_ptr(), h.stride(0), a.data_ptr(), a.stride(0), y.data_ptr(), d, f)
     cut = _split([c for _, _, c in groups]) if threads > 1 and len(groups) > 1 else len(groups)
@@ -160,7 +170,7 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
 
 def _padded(n: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """An [n, cols] buffer whose row stride is 64 bytes more than a row (rows 4 KiB apart alias in L1)."""
-    pad = 64 // torch.empty((), dtype=dtype).element_size()
+    pad = 64 // dtype.itemsize
     return torch.empty((n, cols + pad), dtype=dtype)[:, :cols]
 
 

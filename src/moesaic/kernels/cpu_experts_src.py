@@ -81,8 +81,9 @@ BLOCK(blk_bf16, uint16_t, uint16_t, __m512bh, __m512bh, 32, BF_LOAD, BF_LOAD, BF
 BLOCK(blk_i8, int8_t, float, __m512, __m512, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA, (i & 63) == 0)
 
 /* One input row against weight rows one by one, four accumulators over four vectors a step, prefetching 4 KiB ahead
-   into L2 (the loop of `cpu_gemv`). */
-#define ROW1(NAME, WT, XT, STEP, LOADW, LOADX, TLOADW, TLOADX, FMA)                                           \
+   with HINT (the loop of `cpu_gemv`): NTA for fp32 (the decode step's small ops keep more of the caches; see
+   cpu_gemv's docstring), into L2 (T1) for bf16, where NTA was slower. */
+#define ROW1(NAME, WT, XT, STEP, LOADW, LOADX, TLOADW, TLOADX, FMA, HINT)                                         \
 static void NAME(const XT* x, const WT* w, int64_t ldw, int64_t O, int64_t I, float* y) {                      \
   const int64_t i4 = I - I % (4 * STEP), iv = I - I % STEP;                                                     \
   for (int64_t o = 0; o < O; o++) {                                                                             \
@@ -90,7 +91,7 @@ static void NAME(const XT* x, const WT* w, int64_t ldw, int64_t O, int64_t I, fl
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();\
     int64_t i = 0;                                                                                              \
     for (; i < i4; i += 4 * STEP) {                                                                             \
-      for (int u = 0; u < 4; u++) _mm_prefetch((const char*)(r + i + u * STEP) + 4096, _MM_HINT_T1);          \
+      for (int u = 0; u < 4; u++) _mm_prefetch((const char*)(r + i + u * STEP) + 4096, HINT);                   \
       a0 = FMA(a0, LOADW(r + i), LOADX(x + i));                                                                 \
       a1 = FMA(a1, LOADW(r + i + STEP), LOADX(x + i + STEP));                                                   \
       a2 = FMA(a2, LOADW(r + i + 2 * STEP), LOADX(x + i + 2 * STEP));                                           \
@@ -102,9 +103,9 @@ static void NAME(const XT* x, const WT* w, int64_t ldw, int64_t O, int64_t I, fl
   }                                                                                                             \
 }
 
-ROW1(row1_f32, float, float, 16, F32_LOAD, F32_LOAD, F32_TLOAD, F32_TLOAD, F32_FMA)
-ROW1(row1_bf16, uint16_t, uint16_t, 32, BF_LOAD, BF_LOAD, BF_TLOAD, BF_TLOAD, BF_FMA)
-ROW1(row1_i8, int8_t, float, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA)  /* unused: int8 takes 4 rows */
+ROW1(row1_f32, float, float, 16, F32_LOAD, F32_LOAD, F32_TLOAD, F32_TLOAD, F32_FMA, _MM_HINT_NTA)
+ROW1(row1_bf16, uint16_t, uint16_t, 32, BF_LOAD, BF_LOAD, BF_TLOAD, BF_TLOAD, BF_FMA, _MM_HINT_T1)
+ROW1(row1_i8, int8_t, float, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA, _MM_HINT_T1)  /* unused: int8 takes 4 rows */
 
 /* y [M, O] (row stride ldy) = x [M, I] (ldx) @ w [O, I].T (ldw) (* scale [O] if given), M >= 0 rows.
    One row: M1OB weight rows at a time (1 for floats, prefetching the next row; 4 for int8, whose int8 -> fp32
@@ -213,6 +214,13 @@ void NAME(const XT* x, int64_t ldx, const int64_t* groups, int64_t g0, int64_t g
 EXPERTS(moesaic_experts_f32, skinny_f32, float, float, 0)
 EXPERTS(moesaic_experts_bf16, skinny_bf16, uint16_t, uint16_t, 1)
 EXPERTS(moesaic_experts_i8, skinny_i8, int8_t, float, 0)
+
+/* One token's combine: out [D] = sum_k wk[k] * y[k, :] over its K expert outputs y [K, D] (fp32, slot order). */
+void moesaic_combine_f32(const float* y, const float* wk, int64_t K, int64_t D, float* out) {
+  for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+  for (int64_t k = 0; k < K; k++)
+    for (int64_t d = 0; d < D; d++) out[d] += wk[k] * y[k * D + d];
+}
 
 /* A linear's few rows: y [M, O] fp32 (ldy) = x [M, I] (ldx) @ w [O, I].T (ldw). */
 void moesaic_linear_f32(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t O, int64_t I,

@@ -10,7 +10,11 @@ weight. On the 2-core Zen 4 VM, with weights in huge pages, oneDNN / MKL read 20
 sum reads ~32 GB/s; this kernel (one row at a time, four accumulators, software prefetch 4 KiB ahead into L2)
 reads 28-32 GB/s on the benchmark shapes; in bf16 it reads 26-32 GB/s where oneDNN (over its
 blocked copy) reads 13-18. The prefetches go to L2 (T1): into L1 (T0) they were 5-30% slower, on huge
-pages and on 4 KiB pages alike. It is compiled with the system C compiler (`cc`, -O3
+pages and on 4 KiB pages alike; except the fp32 one-row kernel's, which are non-temporal (NTA), as are
+`cpu_experts`' fp32 one-row ones: a batch-1 fp32 decode step's streamed weights then evict less of the caches
+that the step's ~150 small ATen ops run from, which cut the step's time outside the kernels from 3.7-4.9 to
+2.6-3.4 ms and the whole step 0.93-0.96x (the kernels themselves 2-3% slower; same-process A/B, 1 thread, both
+benchmark shapes); in bf16 NTA made the kernels 15% slower and the step 1.08x, so bf16 keeps T1. It is compiled with the system C compiler (`cc`, -O3
 -march=native) into a cache folder the first time `available()` is asked, and loaded with ctypes
 (the call releases the GIL). Where there is no compiler, no AVX-512 (+ BF16) or no Linux, `available()` is
 False and callers keep oneDNN. It is single-threaded: callers use it only when torch runs one thread.
@@ -44,10 +48,10 @@ void moesaic_gemv_f32(const float* x, const float* w, float* y, int64_t O, int64
     int64_t i = 0;
     for (; i < i64; i += 64) {
       /* prefetch never faults: running past the matrix's end is harmless */
-      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_T1);
-      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_T1);
-      _mm_prefetch((const char*)(r + i + 1056), _MM_HINT_T1);
-      _mm_prefetch((const char*)(r + i + 1072), _MM_HINT_T1);
+      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_NTA);
+      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_NTA);
+      _mm_prefetch((const char*)(r + i + 1056), _MM_HINT_NTA);
+      _mm_prefetch((const char*)(r + i + 1072), _MM_HINT_NTA);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);
       a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 32), _mm512_loadu_ps(x + i + 32), a2);

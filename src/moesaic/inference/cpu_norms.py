@@ -1,0 +1,39 @@
+"""The engine's CPU RMS norms: the model's `RMSNorm` modules switched, in place, to the one-call C kernel.
+
+`use_cpu_norms(model)` gives every plain `RMSNorm` of a CPU fp32 model the class `CpuRMSNorm` (same
+parameters, state dict and values up to fp32 rounding): its forward calls `kernels.cpu_norm.rms_norm` when
+the input is a few fp32 rows (a decode step's norms: 9-17 calls a step on the benchmark shapes, each
+~8 ATen ops in torch) and the model's own `rms_norm` otherwise. A transform from outside, like
+`inference.quantize.use_onednn`: the model code knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moesaic.kernels import cpu_norm
+from moesaic.model.norm import RMSNorm, rms_norm
+
+
+class CpuRMSNorm(RMSNorm):
+    """RMSNorm whose few-row fp32 CPU inputs go through the C kernel (`kernels.cpu_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_norm.usable(x, self.weight):
+            return cpu_norm.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def use_cpu_norms(model: nn.Module) -> int:
+    """Switch the plain RMSNorm modules of a CPU fp32 model to `CpuRMSNorm` in place; returns how many
+    (0 where the kernel cannot be built or the model is not fp32 on CPU)."""
+    p = model.embed.weight
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not cpu_norm.available():
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is RMSNorm:
+            mod.__class__ = CpuRMSNorm
+            n += 1
+    return n
