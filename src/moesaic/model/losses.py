@@ -44,11 +44,14 @@ def router_loss(outputs, aux_coef: float, z_coef: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_correction_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> torch.Tensor:
+def update_correction_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float,
+                           keep: torch.Tensor | None = None) -> torch.Tensor:
     """Loss-free balancing (Wang et al. 2024, DeepSeek-V3): bias_i += rate * sign(mean load - load_i).
 
-    Updates `bias_E` in place (no gradient) and returns it.
+    Updates `bias_E` in place (no gradient) and returns it. `keep` (a 0-d tensor, 1 or 0) scales the step on
+    the device, so a captured step can skip it without a host sync.
     """
     load = counts_E.float()
-    bias_E += rate * torch.sign(load.mean() - load).to(bias_E.dtype)
+    step = rate * torch.sign(load.mean() - load)
+    bias_E += (step if keep is None else step * keep).to(bias_E.dtype)
     return bias_E

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moesaic.model.losses import load_balance_loss, z_loss
-from moesaic.train.step import IGNORE, StepStats
+from moesaic.train.step import IGNORE, StepStats, update_biases
 
 WARMUP = 3
 
@@ -73,14 +73,8 @@ def device_step(model, input_BS: torch.Tensor, target_BS: torch.Tensor, autocast
     found_inf.copy_(bad.float())
     optimizer.step()  # fused AdamW reads optimizer.found_inf: a bad step leaves everything untouched
     counts = [r.counts_E.detach() for r in routers]
-    rate = cfg.bias_update_rate if cfg.is_moe else 0.0
-    if rate > 0:
-        keep = 1.0 - found_inf
-        for layer, c in zip(model.moe_layers(), counts):
-            bias = getattr(layer.router, "correction_bias", None)
-            if bias is not None:
-                load = c.float()
-                bias += (rate * torch.sign(load.mean() - load) * keep).to(bias.dtype)
+    if cfg.is_moe:
+        update_biases(model, counts, keep=1.0 - found_inf)  # no update on a bad step, decided on the device
     return {"lm": lm.detach(), "aux": aux.detach(), "z": zs.detach(), "total": total.detach(),
             "gnorm": gnorm.detach(), "counts_LE": torch.stack(counts) if counts else None}
 

@@ -154,7 +154,7 @@ def _accumulate(st: StepStats, routers, prob_sums: list, z_sums: list) -> None:
 
 
 @torch.no_grad()
-def update_biases(model, counts_LE: list[torch.Tensor]) -> None:
+def update_biases(model, counts_LE: list[torch.Tensor], keep: torch.Tensor | None = None) -> None:
     """Loss-free balancing: nudge each sigmoid router's correction bias with this step's global counts."""
     from moesaic.model.losses import update_correction_bias
 
@@ -164,7 +164,7 @@ def update_biases(model, counts_LE: list[torch.Tensor]) -> None:
     for layer, counts in zip(model.moe_layers(), counts_LE):
         bias = getattr(layer.router, "correction_bias", None)
         if bias is not None:
-            update_correction_bias(bias, counts, rate)
+            update_correction_bias(bias, counts, rate, keep)
 
 
 @torch.no_grad()
