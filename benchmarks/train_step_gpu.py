@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cfg = model_config(a.preset, a.model)
     model = build_model(cfg).cuda()
-    opt = build_optimizer(model, TrainConfig(preset="tiny", steps=100, batch_size=a.batch, seq_len=a.seq,
-                                             device="cuda"))
+    tc = TrainConfig(preset="tiny", steps=100, batch_size=a.batch, seq_len=a.seq, device="cuda")
+    opt = build_optimizer(model, tc)
     batch = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device="cuda")
 
     def autocast():
@@ -61,37 +61,33 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         update_biases(model, st.counts_LE)
 
-    times: dict[str, list[float]] = {}
-    for backend in (["triton", "sorted", "triton"] if cfg.is_moe else ["auto"]):
-        model.set_moe_backend(backend)
+    def ms_per_step(fn) -> float:  # 3 warm-up steps, then the mean of a.steps
         for _ in range(3):
-            step()
+            fn()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(a.steps):
-            step()
+            fn()
         torch.cuda.synchronize()
-        times.setdefault(backend, []).append((time.perf_counter() - t) / a.steps * 1e3)
+        return (time.perf_counter() - t) / a.steps * 1e3
+
+    times: dict[str, list[float]] = {}
+    for backend in (["triton", "sorted", "triton"] if cfg.is_moe else ["auto"]):
+        model.set_moe_backend(backend)
+        times.setdefault(backend, []).append(ms_per_step(step))
     if not a.no_graph:  # the whole step as one CUDA graph (TrainConfig.cuda_graph="auto"), triton experts
         from moesaic.train.graphed import GraphedStep
 
         model.set_moe_backend("triton" if cfg.is_moe else "auto")
-        tc = TrainConfig(preset="tiny", steps=100, batch_size=a.batch, seq_len=a.seq, device="cuda")
         graphed = GraphedStep(model, opt, tc, autocast, batch)
-        for _ in range(3):
-            graphed.run(batch, 1e-3)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            graphed.run(batch, 1e-3)
-        torch.cuda.synchronize()
-        times["graph"] = [(time.perf_counter() - t) / a.steps * 1e3]
+        times["graph"] = [ms_per_step(lambda: graphed.run(batch, 1e-3))]
     tokens = a.batch * a.seq
     for backend, ms in times.items():
         print(f"{a.model} {backend}: " + " / ".join(f"{m:.1f}" for m in ms) + f" ms per {tokens}-token step")
     if "sorted" in times:
         print(f"# speedup triton vs sorted: {min(times['sorted']) / min(times['triton']):.2f}x (best of each)")
-        print(f"# speedup graphed triton step vs sorted: {min(times['sorted']) / min(times['graph']):.2f}x")
+        if "graph" in times:
+            print(f"# speedup graphed triton step vs sorted: {min(times['sorted']) / min(times['graph']):.2f}x")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
