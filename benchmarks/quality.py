@@ -26,7 +26,7 @@ Each (model, lr, seed) is one job: a subprocess training with moesaic.train.Trai
 same windows in the same order and the same token budget, evaluating on fixed validation windows every
 `--eval-every` steps. Jobs run `--parallel` at a time (spread over the visible GPUs on CUDA). For every
 model the learning rate is the one of the `--lrs` sweep with the lowest final validation loss averaged
-over the seeds; the table then compares each MoE with `dense` seed by seed: the first evaluated step at
+over the seeds (with `--sweep-seed S`: of seed S alone, the other seeds then run at that lr only); the table then compares each MoE with `dense` seed by seed: the first evaluated step at
 which the MoE's validation loss is <= the dense twin's final validation loss of the same seed ("never"
 if it does not get there within the budget).
 
@@ -37,11 +37,11 @@ to it (validation loss vs steps and vs training FLOPs, one line per model/seed a
     python benchmarks/quality.py --device cpu --parallel 2 --threads 1 --steps 100 --batch-size 16 \
         --seq-len 128 --lrs 2e-3,4e-3 --seeds 0,1,2 --eval-every 10 --eval-windows 32 \
         --json benchmarks/results/quality_cpu.json
-    # H200, 4 GPUs (benchmarks/results/quality_h200.json; docs/training.md)
-    python benchmarks/quality.py --preset h200 --device cuda --steps 4000 --batch-size 32 --seq-len 512 \
-        --lrs 1e-3,1.5e-3 --seeds 0,1,2 --eval-every 200 --eval-windows 128 --data builtin:large \
-        --max-chars 240000000 --models "moe:num_experts=256;moe;dense" --parallel 18 --threads 2 \
-        --json /tmp/q/quality_h200.json
+    # H200, 4 GPUs (benchmarks/results/quality_h200.json; docs/training.md); lr swept on seed 0 only
+    python benchmarks/quality.py --preset h200 --device cuda --steps 6400 --batch-size 32 --seq-len 512 \
+        --lrs 7e-4,1e-3,1.5e-3,2e-3 --seeds 0,1,2 --sweep-seed 0 --eval-every 200 --eval-windows 128 \
+        --data builtin:large --max-chars 520000000 --models moe,dense --parallel 8 --threads 2 \
+        --json /tmp/res/quality_h200.json
 """
 
 from __future__ import annotations
@@ -158,7 +158,9 @@ def run_job(job: dict) -> dict:
     if out.exists():  # a leftover of an earlier benchmark run: the work folder is scratch space
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    summary = Trainer(cfg, tc, out, tok, data, log=lambda s: None).fit()
+    messages: list[str] = []
+    trainer = Trainer(cfg, tc, out, tok, data, log=messages.append)
+    summary = trainer.fit()
     seconds = time.perf_counter() - t0
     rows = read_metrics(out)
     pc = build_model(cfg).count_params()
@@ -172,6 +174,8 @@ def run_job(job: dict) -> dict:
             "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
             "loss_curve": [[r["step"], r["loss"]] for r in rows if "loss" in r][::every],
             "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None,
+            "cuda_graph_used": trainer.graphed is not None,
+            "trainer_log": [m for m in messages if "graph" in m.lower()][:5],
             "imbalance_last": next((r["imbalance"] for r in reversed(rows) if "imbalance" in r), None)}
 
 
@@ -198,16 +202,30 @@ def steps_to_reach_interp(curve: list, target: float) -> float | None:
     return None
 
 
-def summarize(results: list[dict]) -> dict:
-    """Per model: the lr of the sweep with the lowest mean final val loss, its runs; per MoE and seed: the
-    steps it needs to reach the dense twin's final val loss of the same seed."""
+def pick_lrs(results: list[dict], sweep_seed: int | None = None) -> dict[str, dict[float, float]]:
+    """Per model, the sweep: lr -> final val loss, averaged over the seeds (or of seed `sweep_seed` alone)."""
+    sweeps: dict[str, dict[float, float]] = {}
+    for m in dict.fromkeys(r["model"] for r in results):
+        by_lr: dict[float, list] = {}
+        for r in results:
+            if r["model"] == m and (sweep_seed is None or r["seed"] == sweep_seed):
+                by_lr.setdefault(r["lr"], []).append(r["final_val"])
+        sweeps[m] = {lr: statistics.mean(v) for lr, v in by_lr.items()}
+    return sweeps
+
+
+def summarize(results: list[dict], sweep_seed: int | None = None) -> dict:
+    """Per model: the lr of the sweep with the lowest mean final val loss (of seed `sweep_seed` alone when
+    given), its runs; per MoE and seed: the steps it needs to reach the dense twin's final val loss of the
+    same seed."""
     best: dict[str, dict] = {}
+    sweeps = pick_lrs(results, sweep_seed)
     for m in dict.fromkeys(r["model"] for r in results):
         by_lr: dict[float, list] = {}
         for r in results:
             if r["model"] == m:
                 by_lr.setdefault(r["lr"], []).append(r)
-        sweep = {lr: statistics.mean(r["final_val"] for r in runs) for lr, runs in by_lr.items()}
+        sweep = sweeps[m]
         lr = min(sweep, key=sweep.get)
         runs = sorted(by_lr[lr], key=lambda r: r["seed"])
         vals = [r["final_val"] for r in runs]
@@ -300,6 +318,8 @@ def make_jobs(a: argparse.Namespace, work: Path) -> list[dict]:
     seeds = [int(x) for x in a.seeds.split(",")]
     if not models or not lrs or not seeds:
         raise ValueError("--models, --lrs and --seeds each need at least one value")
+    if a.sweep_seed is not None and a.sweep_seed not in seeds:
+        raise ValueError(f"--sweep-seed {a.sweep_seed} is not one of --seeds {a.seeds}")
     fractions = [float(x) for x in a.budget_fractions.split(",") if x.strip()]
     if any(not 0 < f < 1 for f in fractions):
         raise ValueError(f"--budget-fractions must lie strictly between 0 and 1, got {a.budget_fractions!r}")
@@ -370,8 +390,8 @@ def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print
     return done
 
 
-MERGE_SAME = ("preset", "steps", "batch_size", "seq_len", "lrs", "seeds", "data", "max_chars", "eval_every",
-              "eval_windows", "warmup_steps")
+MERGE_SAME = ("preset", "steps", "batch_size", "seq_len", "lrs", "seeds", "sweep_seed", "data", "max_chars",
+              "eval_every", "eval_windows", "warmup_steps")
 
 
 def merged_runs(a: argparse.Namespace, models: set[str]) -> tuple[list[dict], list[str]]:
@@ -402,8 +422,16 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
     prepare_data(a.data, vocab, max_chars=a.max_chars, cache_dir=a.cache_dir)  # once, into the shared cache
     log(f"data ready in {time.perf_counter() - t0:.0f}s; {len(jobs)} jobs")
     earlier, earlier_commands = merged_runs(a, {j["model"] for j in jobs})
-    results = earlier + run_all(jobs, a.parallel, a.in_process, log)
-    best = summarize(results)
+    if a.sweep_seed is None:
+        results = earlier + run_all(jobs, a.parallel, a.in_process, log)
+    else:  # the sweep on one seed, then the other seeds at each model's chosen lr only
+        results = run_all([j for j in jobs if j["seed"] == a.sweep_seed], a.parallel, a.in_process, log)
+        chosen = {m: min(sw, key=sw.get) for m, sw in pick_lrs(results, a.sweep_seed).items()}
+        picked = ", ".join(f"{m} {lr:g}" for m, lr in chosen.items())
+        log(f"lr chosen on seed {a.sweep_seed}: {picked}")
+        rest = [j for j in jobs if j["seed"] != a.sweep_seed and j["lr"] == chosen[j["model"]]]
+        results = earlier + results + run_all(rest, a.parallel, a.in_process, log)
+    best = summarize(results, a.sweep_seed)
     table = format_table(best)
     import torch
 
@@ -436,6 +464,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lrs", default="1.5e-3,3e-3", help="the learning-rate sweep, the same for every model")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sweep-seed", type=int, default=None,
+                    help="pick each model's lr from the sweep on this seed alone, then train the other seeds "
+                         "at the chosen lr only (default: every seed at every lr, lr by the mean over seeds)")
     ap.add_argument("--budget-fractions", default="", help="e.g. 0.7: also train each MoE for 70%% of the steps "
                     "with its own (shorter) cosine schedule, and compare its loss with the dense twin's final one")
     ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: steps // 10)")

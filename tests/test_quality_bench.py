@@ -148,3 +148,31 @@ def test_model_overrides_make_ablations_and_bad_fields_fail(quality):
     a = quality.parser().parse_args(["--models", "moe;moe:num_experts=32;dense", "--seeds", "0", "--lrs", "1e-3"])
     assert [j["model"] for j in quality.make_jobs(a, __import__("pathlib").Path("/tmp"))] == [
         "moe", "moe:num_experts=32", "dense"]
+
+
+def test_sweep_seed_picks_each_lr_on_one_seed_then_trains_the_other_seeds_at_it(quality, tmp_path, monkeypatch):
+    import moesaic.data.tokens as tokens
+
+    monkeypatch.setattr(tokens, "prepare_data", lambda *a, **k: None)
+    finals = {("moe", 1e-3): 3.9, ("moe", 2e-3): 3.8, ("dense", 1e-3): 4.0, ("dense", 2e-3): 4.1}
+    calls = []
+
+    def fake_run_all(jobs, parallel, in_process=False, log=print):
+        calls.append(sorted((j["model"], j["lr"], j["seed"]) for j in jobs))
+        return [_run(j["model"], j["lr"], j["seed"], finals[j["model"], j["lr"]] + 0.01 * j["seed"],
+                     [[50, 4.5], [100, finals[j["model"], j["lr"]] + 0.01 * j["seed"]]], steps=100)
+                | dict(tokens_per_step=8, flops_per_token=6, preset="small", data="x") for j in jobs]
+
+    monkeypatch.setattr(quality, "run_all", fake_run_all)
+    a = quality.parser().parse_args(["--models", "moe,dense", "--steps", "100", "--lrs", "1e-3,2e-3", "--seeds",
+                                     "0,1,2", "--sweep-seed", "0", "--json", str(tmp_path / "q.json"),
+                                     "--work", str(tmp_path / "w")])
+    report = quality.run_benchmark(a, log=lambda s: None)
+    assert calls[0] == sorted((m, lr, 0) for m in ("moe", "dense") for lr in (1e-3, 2e-3))  # the sweep, seed 0
+    assert calls[1] == sorted([("moe", 2e-3, 1), ("moe", 2e-3, 2), ("dense", 1e-3, 1), ("dense", 1e-3, 2)])
+    best = report["summary"]
+    assert best["moe"]["lr"] == 2e-3 and best["dense"]["lr"] == 1e-3
+    assert best["moe"]["sweep"] == {"0.001": 3.9, "0.002": 3.8}  # seed 0 alone
+    assert sorted(best["moe"]["val_per_seed"]) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="sweep-seed"):
+        quality.make_jobs(quality.parser().parse_args(["--seeds", "0,1", "--sweep-seed", "5"]), tmp_path)
