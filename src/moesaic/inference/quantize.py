@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moesaic.inference.cpu_attention import use_cpu_attention
 from moesaic.inference.cpu_norms import use_cpu_norms
 from moesaic.inference.hugepages import move_to_huge_pages
 from moesaic.kernels import cpu_gemv
@@ -109,8 +110,8 @@ def auto_pack(model: nn.Module, max_batch: int) -> bool:
 
 def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,
                         huge_pages: bool = True, max_batch: int = 1) -> bool:
-    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`) and the C RMS norms
-    (`inference.cpu_norms`; both only with onednn), huge pages
+    """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), the C RMS norms
+    (`inference.cpu_norms`) and the C decode attention (`inference.cpu_attention`; all three only with onednn), huge pages
     (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
     if model.embed.weight.device.type != "cpu":
@@ -121,6 +122,7 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     used = onednn and use_onednn(model, transpose_w2=transpose)
     if onednn:
         use_cpu_norms(model)
+        use_cpu_attention(model)
     if huge_pages:
         move_to_huge_pages(model)
     pack = used and pack

@@ -1,0 +1,183 @@
+"""Decode attention of a few fp32 CPU rows in one C call: rotary, KV-cache write and attention together.
+
+Shape legend: B rows (one new token each), H query heads, Hkv kv heads (G = H / Hkv queries share one),
+D head dim, N cache slots, M positions per slot.
+
+For each row b (cache slot s_b, new position p_b) and layer:
+
+    k', q' = rope(k, cos_b, sin_b), rope(q, cos_b, sin_b)          (full rotary, halves layout)
+    K[s_b, p_b], V[s_b, p_b] = k', v                                 (the cache write)
+    o[b, h] = softmax(scale * q'[h] . K[s_b, 0..p_b, h // G]) @ V[s_b, 0..p_b, h // G]
+
+Why: on CPU, a batch-1 decode step's attention in torch is ~10 ATen ops a layer (rotary: flip, 2 muls, add;
+the cache's `index_copy_`; views; SDPA with its parallel region), each 5-30 us inside a step whose weight
+streaming has just evicted the caches, and SDPA's 2-thread region stalls whenever another process holds a
+core. One single-threaded C call does the same arithmetic in a few microseconds at short contexts.
+Built with `cpu_gemv.build` (same compiler, flags and machine requirements); where it cannot be built,
+`available()` is False and callers keep torch. Softmax in fp32 with the running maximum subtracted, like SDPA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from moesaic.kernels import cpu_gemv
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+static inline void axpy(float* y, float a, const float* x, int64_t n) {   /* y += a * x */
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* y = x * cos + swap_halves(x) * sin_rot (sin_rot: sin with its first half negated), D even. */
+static inline void rope(float* y, const float* x, const float* c, const float* sr, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; i++) y[i] = x[i] * c[i] + x[i + h] * sr[i];
+  for (int64_t i = h; i < D; i++) y[i] = x[i] * c[i] + x[i - h] * sr[i];
+}
+
+/* q [B, H*D] (row stride qs), k and v [B, Hkv*D] (row strides ks, vs), cos / sin_rot [B, D] (row stride rs);
+   kbuf, vbuf: one layer's [N, M, Hkv, D] contiguous; slots, pos [B]; out [B, H*D] contiguous.
+   Returns 0, or -1 when the scratch could not be allocated (nothing written then). */
+int moesaic_decode_attn_f32(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
+                            const float* cos, const float* sinr, int64_t rs, float* kbuf, float* vbuf,
+                            const int64_t* slots, const int64_t* pos, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t D, int64_t M, float scale, float* out) {
+  int64_t pmax = 0;
+  for (int64_t b = 0; b < B; b++) if (pos[b] > pmax) pmax = pos[b];
+  float* scratch = (float*)malloc(sizeof(float) * (size_t)(pmax + 1 + D));
+  if (!scratch) return -1;
+  float* sc = scratch;            /* scores [p + 1] */
+  float* qr = scratch + pmax + 1;  /* one rotated query head [D] */
+  const int64_t G = H / Hkv, row = Hkv * D;
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t p = pos[b];
+    float* K = kbuf + slots[b] * M * row;
+    float* V = vbuf + slots[b] * M * row;
+    const float* c = cos + b * rs;
+    const float* sr = sinr + b * rs;
+    for (int64_t g = 0; g < Hkv; g++) {
+      rope(K + p * row + g * D, k + b * ks + g * D, c, sr, D);
+      memcpy(V + p * row + g * D, v + b * vs + g * D, sizeof(float) * (size_t)D);
+    }
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t g = h / G;
+      rope(qr, q + b * qs + h * D, c, sr, D);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= p; j++) {
+        const float s = dot(qr, K + j * row + g * D, D) * scale;
+        sc[j] = s;
+        if (s > mx) mx = s;
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j <= p; j++) { const float e = expf(sc[j] - mx); sc[j] = e; sum += e; }
+      float* o = out + b * H * D + h * D;
+      memset(o, 0, sizeof(float) * (size_t)D);
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= p; j++) axpy(o, sc[j] * inv, V + j * row + g * D, D);
+    }
+  }
+  free(scratch);
+  return 0;
+}
+"""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_gemv.build(_SOURCE, "decode_attn")
+    if lib is None:
+        return None
+    f = lib.moesaic_decode_attn_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    f.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                  ctypes.c_float, ptr]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel can run here (builds it on the first call)."""
+    return _library() is not None
+
+
+def _rows(x: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, int]:
+    """x [B, width] fp32 CPU with unit inner stride (rows may be strided): (x, row stride)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1:
+        raise ValueError(f"decode_attention: {name} must be an fp32 CPU [B, {width}] tensor with unit inner stride, "
+                         f"got {x.dtype} {x.device.type} {tuple(x.shape)} strides {x.stride()}")
+    return x, x.stride(0)
+
+
+def decode_attention(q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor, cos_BD: torch.Tensor,
+                     sin_rot_BD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots_B: torch.Tensor,
+                     pos_B: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One new token per row: rotate q [B, H*D] and k [B, Hkv*D] by cos / sin_rot [B, D], write k and v
+    [B, Hkv*D] into k_cache / v_cache [N, M, Hkv, D] (one layer's, contiguous) at (slots_B[b], pos_B[b]), and
+    attend over positions 0..pos_B[b] of that slot. Returns o [B, H*D] (fp32). scale: 1/sqrt(D) by default."""
+    n, m, hkv, d = k_cache.shape
+    if v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
+            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise ValueError("decode_attention: k_cache and v_cache must be contiguous fp32 [N, M, Hkv, D] of one shape")
+    b = q_BHD.shape[0]
+    h = q_BHD.shape[1] // d if q_BHD.dim() == 2 else 0
+    if d % 2 or h < 1 or h % hkv or q_BHD.shape[1] != h * d:
+        raise ValueError(f"decode_attention: q {tuple(q_BHD.shape)} is not [B, H*{d}] with H a multiple of {hkv} "
+                         f"(head dim must be even)")
+    q, qs = _rows(q_BHD, h * d, "q")
+    k, ks = _rows(k_BGD, hkv * d, "k")
+    v, vs = _rows(v_BGD, hkv * d, "v")
+    cos, rs = _rows(cos_BD.contiguous(), d, "cos")
+    sinr = sin_rot_BD.contiguous()
+    if sinr.shape != cos.shape or sinr.dtype != torch.float32:
+        raise ValueError("decode_attention: sin_rot must match cos")
+    slots = slots_B.to(torch.int64).contiguous()
+    pos = pos_B.to(torch.int64).contiguous()
+    if k.shape[0] != b or v.shape[0] != b or cos.shape[0] != b or slots.shape != (b,) or pos.shape != (b,):
+        raise ValueError(f"decode_attention: rows differ: q {b}, k {k.shape[0]}, v {v.shape[0]}, cos {cos.shape[0]}, "
+                         f"slots {tuple(slots.shape)}, pos {tuple(pos.shape)}")
+    if b and (int(slots.min()) < 0 or int(slots.max()) >= n or int(pos.min()) < 0 or int(pos.max()) >= m):
+        raise ValueError(f"decode_attention: slot or position out of range (cache holds {n} slots x {m} positions)")
+    return decode_attention_unchecked(q, k, v, cos, sinr, k_cache, v_cache, slots, pos, h, scale)
+
+
+def decode_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                               sin_rot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slots: torch.Tensor, pos: torch.Tensor, n_heads: int,
+                               scale: float | None = None) -> torch.Tensor:
+    """`decode_attention` without its argument checks (a decode step's hot path, whose caller has checked
+    shapes, dtypes, strides and the slot / position ranges once): no ATen op besides the output's allocation."""
+    b = q.shape[0]
+    _, m, hkv, d = k_cache.shape
+    out = torch.empty(b, n_heads * d, dtype=torch.float32)
+    if b == 0:
+        return out
+    rc = _library().moesaic_decode_attn_f32(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(),
+        sin_rot.data_ptr(), cos.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), pos.data_ptr(),
+        b, n_heads, hkv, d, m, float(d ** -0.5 if scale is None else scale), out.data_ptr())
+    if rc != 0:
+        raise MemoryError("decode_attention: could not allocate the score scratch")
+    return out
