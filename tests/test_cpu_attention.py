@@ -51,6 +51,24 @@ def test_decode_attention_matches_rope_plus_sdpa(b, h, hkv, d, positions):
     torch.testing.assert_close(vc, vw, rtol=0, atol=0)
 
 
+def test_decode_attention_bf16_matches_fp32_math_on_bf16_values():
+    g = torch.Generator().manual_seed(7)
+    b, h, hkv, d, n, m = 2, 8, 2, 64, 3, 64
+    bf = torch.bfloat16
+    kc, vc = torch.randn(n, m, hkv, d, generator=g).to(bf), torch.randn(n, m, hkv, d, generator=g).to(bf)
+    q, k, v = (torch.randn(b, w * d, generator=g).to(bf) for w in (h, hkv, hkv))
+    pos, slots = torch.tensor([9, 40]), torch.tensor([2, 0])
+    cos, sin = RotaryEmbedding(d, 10000.0)(pos[:, None], bf)
+    cos, sin = cos[:, 0], sin[:, 0]
+    sin_rot = torch.cat([-sin[:, :d // 2], sin[:, d // 2:]], -1)
+    want, kw, vw = reference(*(t.float() for t in (q, k, v, cos, sin, kc, vc)), slots, pos)
+    got = cpu_attention.decode_attention(q, k, v, cos, sin_rot, kc, vc, slots, pos)
+    assert got.dtype == bf
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(kc.float(), kw.to(bf).float(), rtol=0, atol=0)  # rounded once, like .to(bf16)
+    torch.testing.assert_close(vc, vw.to(bf), rtol=0, atol=0)
+
+
 def test_decode_attention_rejects_bad_input():
     kc = torch.zeros(2, 8, 2, 16)
     q, k = torch.zeros(1, 64), torch.zeros(1, 32)
@@ -60,7 +78,7 @@ def test_decode_attention_rejects_bad_input():
         cpu_attention.decode_attention(q, k, k, cs, cs, kc, kc.clone(), one, torch.tensor([8]))
     with pytest.raises(ValueError, match="q"):
         cpu_attention.decode_attention(torch.zeros(1, 60), k, k, cs, cs, kc, kc.clone(), one, ok_pos)
-    with pytest.raises(ValueError, match="contiguous fp32"):
+    with pytest.raises(ValueError, match="contiguous fp32 or bf16"):
         cpu_attention.decode_attention(q, k, k, cs, cs, kc.double(), kc.double(), one, ok_pos)
     with pytest.raises(ValueError, match="rows differ"):
         cpu_attention.decode_attention(q, torch.zeros(2, 32), k, cs, cs, kc, kc.clone(), one, ok_pos)
@@ -88,6 +106,20 @@ def test_engine_with_c_attention_matches_engine_without(extra, monkeypatch):
     assert len(calls) >= 2 * 11  # every decode step of both layers took the C path
     one = Engine(model, None, max_batch=1)  # batch 1: the benchmark's path
     assert [c.token_ids for c in one.generate(prompts[:1], params)] == want[:1]
+
+
+def test_engine_bf16_with_c_attention_stays_close_to_torch_attention():
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(**CFG)).eval().to(torch.bfloat16)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1)
+    want = Engine(model, None, max_batch=1, onednn=False).generate([ids], params)[0]
+    fast = Engine(model, None, max_batch=1)
+    assert any(isinstance(mod, CpuDecodeAttention) for mod in fast.model.modules())
+    got = fast.generate([ids], params)[0]
+    n = next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b), len(got.token_ids))
+    assert n >= 3  # bf16 roundings differ (once in C, per op in torch): near-ties may flip later tokens
+    torch.testing.assert_close(torch.tensor(got.logprobs[:n]), torch.tensor(want.logprobs[:n]), rtol=0.05, atol=0.05)
 
 
 def test_c_attention_logits_equal_torch_within_fp32_rounding():

@@ -151,15 +151,15 @@ class SlotView:
             k_all, v_all = kbuf[:, :end].index_select(0, self._idx), vbuf[:, :end].index_select(0, self._idx)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), mask
 
-    def decode_layout(self, layer: int, b: int
+    def decode_layout(self, layer: int, b: int, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For a C decode-attention call (`kernels.cpu_attention`): (k [N, M, H, D], v [N, M, H, D] of `layer`,
         slots [B], new positions [B]) when the forward has one new token for each of its `b` rows and the
-        cache keeps fp32 keys and values in separate contiguous CPU buffers; None otherwise. Checks the
-        positions against the slot size (once per forward)."""
+        cache keeps keys and values of `dtype` in separate contiguous CPU buffers; None otherwise. Checks
+        the positions against the slot size (once per forward)."""
         c = self.cache
-        if (c.kv is not None or b != len(self.slots) or self._n_new is not None or c.k.dtype != torch.float32
-                or c.v.dtype != torch.float32 or c.k.device.type != "cpu" or c.k.shape[-1] != c.v.shape[-1]):
+        if (c.kv is not None or b != len(self.slots) or self._n_new is not None or c.k.dtype != dtype
+                or c.v.dtype != dtype or c.k.device.type != "cpu" or c.k.shape[-1] != c.v.shape[-1]):
             return None
         if "decode" not in self._pos_cache:
             self._step_info(1)  # the overflow check

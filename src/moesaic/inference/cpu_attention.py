@@ -3,10 +3,10 @@ layer for the one-new-token steps (`kernels.cpu_attention`).
 
 `use_cpu_attention(model)` gives every plain `Attention` of a CPU model the class `CpuDecodeAttention` (same
 parameters, state dict and values up to fp32 rounding). Its forward takes the C path when a decode step
-allows it: one new token per row, fp32 on CPU, no gradient, the engine's KV cache (`SlotView`) with separate
-fp32 key / value buffers, full rotary, no qk clipping (qk-norm per head is fine: it runs before the call).
+allows it: one new token per row, fp32 or bf16 on CPU, no gradient, the engine's KV cache (`SlotView`) with
+separate key / value buffers of the activations' dtype, full rotary, no qk clipping (qk-norm per head is fine: it runs before the call).
 Then the q/k/v projections and the output projection stay the model's (oneDNN / the C GEMVs), and rotary,
-the cache write and the attention are one call. Everything else (prefill, bf16, MLA, partial rotary) runs
+the cache write and the attention are one call. Everything else (prefill, fp16, MLA, partial rotary) runs
 the model's own forward. A transform from outside, like `inference.cpu_norms`: the model code knows nothing of it.
 """
 
@@ -20,7 +20,7 @@ from moesaic.model.attention import Attention, rope_tables
 
 
 class CpuDecodeAttention(Attention):
-    """Attention whose fp32 CPU decode steps run rotary + KV write + attention in one C call."""
+    """Attention whose fp32 / bf16 CPU decode steps run rotary + KV write + attention in one C call."""
 
     def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache=None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -43,11 +43,11 @@ class CpuDecodeAttention(Attention):
 
     def _c_layout(self, x: torch.Tensor, cache):
         """(k_cache, v_cache [N, M, Hkv, D], slots [B], positions [B]) when this call can take the C path."""
-        if (x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (x.dim() != 3 or x.shape[1] != 1 or x.dtype not in cpu_attention.DTYPES or x.device.type != "cpu"
                 or self.clip is not None or self.qk_norm not in ("none", "head") or self.hd % 2
                 or (torch.is_grad_enabled() and x.requires_grad) or not hasattr(cache, "decode_layout")):
             return None
-        return cache.decode_layout(self.layer, x.shape[0])
+        return cache.decode_layout(self.layer, x.shape[0], x.dtype)
 
 
 def use_cpu_attention(model: nn.Module) -> int:

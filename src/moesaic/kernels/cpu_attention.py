@@ -1,4 +1,4 @@
-"""Decode attention of a few fp32 CPU rows in one C call: rotary, KV-cache write and attention together.
+"""Decode attention of a few fp32 / bf16 CPU rows in one C call: rotary, KV-cache write and attention together.
 
 Shape legend: B rows (one new token each), H query heads, Hkv kv heads (G = H / Hkv queries share one),
 D head dim, N cache slots, M positions per slot.
@@ -102,6 +102,82 @@ int moesaic_decode_attn_f32(const float* q, int64_t qs, const float* k, int64_t 
   free(scratch);
   return 0;
 }
+
+/* bf16: the same arithmetic in fp32 on widened values; the rotated key, the value and the output are rounded
+   to bf16 once (round to nearest even), where torch rounds after each op. */
+static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+static inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 maskz_load_bf16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline float dot_bf(const float* a, const uint16_t* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), maskz_load_bf16(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+static inline void axpy_bf(float* y, float a, const uint16_t* x, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load_bf16(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * bf(x[i]);
+}
+
+int moesaic_decode_attn_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, int64_t ks, const uint16_t* v,
+                             int64_t vs, const uint16_t* cos, const uint16_t* sinr, int64_t rs, uint16_t* kbuf,
+                             uint16_t* vbuf, const int64_t* slots, const int64_t* pos, int64_t B, int64_t H,
+                             int64_t Hkv, int64_t D, int64_t M, float scale, uint16_t* out) {
+  int64_t pmax = 0;
+  for (int64_t b = 0; b < B; b++) if (pos[b] > pmax) pmax = pos[b];
+  float* scratch = (float*)malloc(sizeof(float) * (size_t)(pmax + 1 + 6 * D));
+  if (!scratch) return -1;
+  float* sc = scratch;
+  float *qr = sc + pmax + 1, *x = qr + D, *c = x + D, *sr = c + D, *kr = sr + D, *o = kr + D;
+  const int64_t G = H / Hkv, row = Hkv * D;
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t p = pos[b];
+    uint16_t* K = kbuf + slots[b] * M * row;
+    uint16_t* V = vbuf + slots[b] * M * row;
+    for (int64_t i = 0; i < D; i++) { c[i] = bf(cos[b * rs + i]); sr[i] = bf(sinr[b * rs + i]); }
+    for (int64_t g = 0; g < Hkv; g++) {
+      for (int64_t i = 0; i < D; i++) x[i] = bf(k[b * ks + g * D + i]);
+      rope(kr, x, c, sr, D);
+      for (int64_t i = 0; i < D; i++) K[p * row + g * D + i] = to_bf(kr[i]);
+      memcpy(V + p * row + g * D, v + b * vs + g * D, sizeof(uint16_t) * (size_t)D);
+    }
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t g = h / G;
+      for (int64_t i = 0; i < D; i++) x[i] = bf(q[b * qs + h * D + i]);
+      rope(qr, x, c, sr, D);
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= p; j++) {
+        const float s = dot_bf(qr, K + j * row + g * D, D) * scale;
+        sc[j] = s;
+        if (s > mx) mx = s;
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j <= p; j++) { const float e = expf(sc[j] - mx); sc[j] = e; sum += e; }
+      memset(o, 0, sizeof(float) * (size_t)D);
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= p; j++) axpy_bf(o, sc[j] * inv, V + j * row + g * D, D);
+      for (int64_t i = 0; i < D; i++) out[b * H * D + h * D + i] = to_bf(o[i]);
+    }
+  }
+  free(scratch);
+  return 0;
+}
 """
 
 
@@ -110,12 +186,15 @@ def _library() -> ctypes.CDLL | None:
     lib = cpu_gemv.build(_SOURCE, "decode_attn")
     if lib is None:
         return None
-    f = lib.moesaic_decode_attn_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                  ctypes.c_float, ptr]
-    f.restype = ctypes.c_int
+    for f in (lib.moesaic_decode_attn_f32, lib.moesaic_decode_attn_bf16):
+        f.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                      ctypes.c_float, ptr]
+        f.restype = ctypes.c_int
     return lib
+
+
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 def available() -> bool:
@@ -123,11 +202,11 @@ def available() -> bool:
     return _library() is not None
 
 
-def _rows(x: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, int]:
-    """x [B, width] fp32 CPU with unit inner stride (rows may be strided): (x, row stride)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1:
-        raise ValueError(f"decode_attention: {name} must be an fp32 CPU [B, {width}] tensor with unit inner stride, "
-                         f"got {x.dtype} {x.device.type} {tuple(x.shape)} strides {x.stride()}")
+def _rows(x: torch.Tensor, width: int, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """x [B, width] on CPU in `dtype` with unit inner stride (rows may be strided): (x, row stride)."""
+    if x.dtype != dtype or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1:
+        raise ValueError(f"decode_attention: {name} must be a {dtype} CPU [B, {width}] tensor with unit inner "
+                         f"stride, got {x.dtype} {x.device.type} {tuple(x.shape)} strides {x.stride()}")
     return x, x.stride(0)
 
 
@@ -136,22 +215,25 @@ def decode_attention(q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tens
                      pos_B: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """One new token per row: rotate q [B, H*D] and k [B, Hkv*D] by cos / sin_rot [B, D], write k and v
     [B, Hkv*D] into k_cache / v_cache [N, M, Hkv, D] (one layer's, contiguous) at (slots_B[b], pos_B[b]), and
-    attend over positions 0..pos_B[b] of that slot. Returns o [B, H*D] (fp32). scale: 1/sqrt(D) by default."""
+    attend over positions 0..pos_B[b] of that slot. Returns o [B, H*D]. All tensors fp32, or all bf16 (computed
+    in fp32; the rotated key, the value and the output rounded to bf16 once). scale: 1/sqrt(D) by default."""
     n, m, hkv, d = k_cache.shape
+    dt = k_cache.dtype
     if v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or \
-            k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        raise ValueError("decode_attention: k_cache and v_cache must be contiguous fp32 [N, M, Hkv, D] of one shape")
+            dt not in DTYPES or v_cache.dtype != dt:
+        raise ValueError("decode_attention: k_cache and v_cache must be contiguous fp32 or bf16 [N, M, Hkv, D] "
+                         "tensors of one shape and dtype")
     b = q_BHD.shape[0]
     h = q_BHD.shape[1] // d if q_BHD.dim() == 2 else 0
     if d % 2 or h < 1 or h % hkv or q_BHD.shape[1] != h * d:
         raise ValueError(f"decode_attention: q {tuple(q_BHD.shape)} is not [B, H*{d}] with H a multiple of {hkv} "
                          f"(head dim must be even)")
-    q, qs = _rows(q_BHD, h * d, "q")
-    k, ks = _rows(k_BGD, hkv * d, "k")
-    v, vs = _rows(v_BGD, hkv * d, "v")
-    cos, rs = _rows(cos_BD.contiguous(), d, "cos")
+    q, _ = _rows(q_BHD, h * d, "q", dt)
+    k, _ = _rows(k_BGD, hkv * d, "k", dt)
+    v, _ = _rows(v_BGD, hkv * d, "v", dt)
+    cos, _ = _rows(cos_BD.contiguous(), d, "cos", dt)
     sinr = sin_rot_BD.contiguous()
-    if sinr.shape != cos.shape or sinr.dtype != torch.float32:
+    if sinr.shape != cos.shape or sinr.dtype != dt:
         raise ValueError("decode_attention: sin_rot must match cos")
     slots = slots_B.to(torch.int64).contiguous()
     pos = pos_B.to(torch.int64).contiguous()
@@ -171,10 +253,12 @@ def decode_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     shapes, dtypes, strides and the slot / position ranges once): no ATen op besides the output's allocation."""
     b = q.shape[0]
     _, m, hkv, d = k_cache.shape
-    out = torch.empty(b, n_heads * d, dtype=torch.float32)
+    out = torch.empty(b, n_heads * d, dtype=k_cache.dtype)
     if b == 0:
         return out
-    rc = _library().moesaic_decode_attn_f32(
+    lib = _library()
+    fn = lib.moesaic_decode_attn_f32 if k_cache.dtype == torch.float32 else lib.moesaic_decode_attn_bf16
+    rc = fn(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(),
         sin_rot.data_ptr(), cos.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), pos.data_ptr(),
         b, n_heads, hkv, d, m, float(d ** -0.5 if scale is None else scale), out.data_ptr())
