@@ -19,6 +19,8 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False         # operand tiles through tensor descriptors (Hopper TMA) where the layout allows
+    persistent: bool = False  # ~one program per multiprocessor looping over the live tiles
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,29 @@ def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
     return MoEConfig("grouped", bm, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
 
 
-def gemm_candidates(bm: int, which: str) -> list[GemmConfig]:
-    """Configs the autotuner tries for one grouped GEMM at row block bm (which: "gemm1" or "gemm2")."""
+def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = False) -> list[GemmConfig]:
+    """Configs the autotuner tries for one grouped GEMM at row block bm (which: "gemm1" or "gemm2").
+    tma / persistent add the tensor-descriptor and persistent-grid variants (bm >= 64 only: large T)."""
     if bm <= 32:
         c = [GemmConfig(64, 128, 4, 4, 4), GemmConfig(128, 64, 4, 4, 4), GemmConfig(128, 128, 4, 8, 3),
              GemmConfig(32, 256, 4, 4, 3)]
         return c if which == "gemm1" else c + [GemmConfig(64, 256, 4, 4, 3)]
     if which == "gemm1":  # two accumulators (gate, up): half the columns of gemm2 for the same registers
-        return [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
-                GemmConfig(64, 128, 8, 8, 3)]
-    return [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
-            GemmConfig(128, 128, 8, 8, 3)]
+        c = [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
+             GemmConfig(64, 128, 8, 8, 3)]
+        t = [GemmConfig(128, 64, 8, 8, 3, True), GemmConfig(128, 64, 8, 8, 4, True),
+             GemmConfig(128, 64, 16, 8, 4, True), GemmConfig(64, 128, 8, 8, 3, True)]
+        p = [GemmConfig(128, 64, 8, 8, 4, False, True)]
+        tp = [GemmConfig(128, 64, 8, 8, 4, True, True), GemmConfig(128, 64, 8, 8, 3, True, True)]
+    else:
+        c = [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
+             GemmConfig(128, 128, 8, 8, 3)]
+        t = [GemmConfig(256, 64, 8, 8, 3, True), GemmConfig(256, 64, 8, 8, 4, True),
+             GemmConfig(128, 64, 8, 8, 4, True), GemmConfig(128, 128, 8, 8, 3, True),
+             GemmConfig(256, 64, 16, 8, 3, True)]
+        p = [GemmConfig(256, 64, 8, 8, 3, False, True)]
+        tp = [GemmConfig(256, 64, 8, 8, 3, True, True), GemmConfig(256, 64, 8, 8, 4, True, True)]
+    return c + (t if tma else []) + (p if persistent else []) + (tp if tma and persistent else [])
 
 
 def decode_candidates(which: str) -> list[GemmConfig]:
