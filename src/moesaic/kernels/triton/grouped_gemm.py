@@ -17,8 +17,10 @@ Variants (constexpr flags, chosen per shape by the autotuner; see launch.GemmCon
                  descriptor lives in a global scratch that triton.set_allocator provides) instead of
                  pointer loads: the weights (K-contiguous) and, for grouped_mm, sorted A rows. Tiles
                  past the tensor's end are zero-filled by the hardware.
-  PERSISTENT     a grid of about one program per multiprocessor striding over the live tiles only
-                 (off[E] / BM row blocks x column blocks) instead of one program per possible tile.
+  PERSISTENT     1: a grid of about one program per multiprocessor striding over the live tiles only
+                 (off[E] / BM row blocks x column blocks) instead of one program per possible tile;
+                 2: the same with tl.range(flatten=True), so the compiler may flatten the tile and K
+                 loops into one pipelined loop (the next tile's loads overlap this tile's epilogue).
 """
 
 from __future__ import annotations
@@ -52,58 +54,54 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, E, TOP
 
 
 @triton.jit
-def _w13_tile(tile, num_m, x_ptr, w_ptr, w_desc, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, act_ptr,
-              h_ptr, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+def _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt, stride_we,
+              stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_B: tl.constexpr):
-    pid_m, pid_n = _swizzle(tile, num_m, tl.cdiv(F, BN), GROUP_M)
-    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                   counts_ptr, E, TOPK, BM)
-    if live:
-        cols = pid_n * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
-        if TMA_B:  # rows past F read the up half or (last expert) zeros; such columns are never stored
-            g_row = (e * 2 * F + pid_n * BN).to(tl.int32)
+    """One live BM x BN tile of act (and h): the K loop and the SwiGLU epilogue."""
+    cols = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
+    if TMA_B:  # rows past F read the up half or (last expert) zeros; such columns are never stored
+        g_row = (e * 2 * F + pid_n * BN).to(tl.int32)
+    else:
+        cols_ld = cols % F  # wrap instead of masking: out-of-range columns are never stored
+        g_ptrs = w_ptr + e * stride_we + cols_ld[None, :].to(tl.int64) * stride_wg + ks[:, None]
+        u_ptrs = g_ptrs + F * stride_wg
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
         else:
-            cols_ld = cols % F  # wrap instead of masking: out-of-range columns are never stored
-            g_ptrs = w_ptr + e * stride_we + cols_ld[None, :].to(tl.int64) * stride_wg + ks[:, None]
-            u_ptrs = g_ptrs + F * stride_wg
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(ks + k0 < D)[None, :], other=0.0)
-            if TMA_B:  # descriptor loads zero-fill past D
-                bg = w_desc.load([g_row, k0]).T
-                bu = w_desc.load([g_row + F, k0]).T
-            elif EVEN_K:
-                bg = tl.load(g_ptrs)
-                bu = tl.load(u_ptrs)
-            else:
-                k_ok = ks + k0 < D
-                bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter cannot multiply bf16 natively
-                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
-            a_ptrs += BK
-            if not TMA_B:
-                g_ptrs += BK
-                u_ptrs += BK
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
-        ok = row_ok[:, None] & (cols[None, :] < F)
-        if SAVE_H:  # training: padding rows hold zeros, so the weight-gradient GEMMs need no row masks
-            act = tl.where(row_ok[:, None], act, 0.0)
-            ok = (rows[:, None] >= 0) & (cols[None, :] < F)
-        tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)
-        if SAVE_H:
-            h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
-            tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=ok)
-            tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=ok)
+            a = tl.load(a_ptrs, mask=(ks + k0 < D)[None, :], other=0.0)
+        if TMA_B:  # descriptor loads zero-fill past D
+            bg = w_desc.load([g_row, k0]).T
+            bu = w_desc.load([g_row + F, k0]).T
+        elif EVEN_K:
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            k_ok = ks + k0 < D
+            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter cannot multiply bf16 natively
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BK
+        if not TMA_B:
+            g_ptrs += BK
+            u_ptrs += BK
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    ok = row_ok[:, None] & (cols[None, :] < F)
+    if SAVE_H:  # training: padding rows hold zeros, so the weight-gradient GEMMs need no row masks
+        act = tl.where(row_ok[:, None], act, 0.0)
+        ok = (rows[:, None] >= 0) & (cols[None, :] < F)
+    tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)
+    if SAVE_H:
+        h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -120,78 +118,81 @@ def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, count
                                           block_shape=[BN, BK])
     else:
         w_src = w_ptr
-    if PERSISTENT:
+    num_n = tl.cdiv(F, BN)
+    if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
         num_m = tl.load(off_ptr + E) // BM
-        for tile in range(tl.program_id(0), num_m * tl.cdiv(F, BN), tl.num_programs(0)):
-            _w13_tile(tile, num_m, x_ptr, w_ptr, w_src, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr,
-                      act_ptr, h_ptr, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
-                      BM, BN, BK, GROUP_M, SAVE_H, DOT_F32, EVEN_K, TMA_B)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                           counts_ptr, E, TOPK, BM)
+            _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_src, act_ptr, h_ptr, D, F, stride_xt,
+                      stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_B)
     else:
-        _w13_tile(tl.program_id(0), num_blocks, x_ptr, w_ptr, w_src, sorted_ptr, block_expert_ptr, off_ptr,
-                  counts_ptr, act_ptr, h_ptr, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act,
-                  stride_h, BM, BN, BK, GROUP_M, SAVE_H, DOT_F32, EVEN_K, TMA_B)
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
+        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                       counts_ptr, E, TOPK, BM)
+        if live:
+            _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_src, act_ptr, h_ptr, D, F, stride_xt,
+                      stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_B)
 
 
 @triton.jit
-def _mm_tile(tile, num_m, a_ptr, a_desc, b_ptr, b_desc, c_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr,
-             w_ptr, h_ptr, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+def _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
+             stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr, SWIGLU_BWD: tl.constexpr,
              DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
-    pid_m, pid_n = _swizzle(tile, num_m, tl.cdiv(NC, BN), GROUP_M)
-    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                   counts_ptr, E, TOPK, BM)
-    if live:
-        cols = pid_n * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        if TMA_A:
-            a_row0 = (pid_m * BM).to(tl.int32)
+    """One live BM x BN tile of C: the K loop and the epilogue."""
+    cols = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    if TMA_A:
+        a_row0 = (pid_m * BM).to(tl.int32)
+    else:
+        a_row = tok if A_GATHER else rows
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+    if TMA_B:
+        b_row0 = (e * NC + pid_n * BN).to(tl.int32)
+    else:
+        cols_ld = (cols % NC).to(tl.int64)
+        b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols_ld[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        if TMA_A:  # descriptor loads zero-fill past KD and past the last row
+            a = a_desc.load([a_row0, k0])
+        elif EVEN_K:  # padding rows compute on whatever they hold; they are never stored
+            a = tl.load(a_ptrs)
         else:
-            a_row = tok if A_GATHER else rows
-            a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+            a = tl.load(a_ptrs, mask=(ks + k0 < KD)[None, :], other=0.0)
         if TMA_B:
-            b_row0 = (e * NC + pid_n * BN).to(tl.int32)
+            b = b_desc.load([b_row0, k0]).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
         else:
-            cols_ld = (cols % NC).to(tl.int64)
-            b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols_ld[None, :] * stride_bn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, KD, BK):
-            if TMA_A:  # descriptor loads zero-fill past KD and past the last row
-                a = a_desc.load([a_row0, k0])
-            elif EVEN_K:  # padding rows compute on whatever they hold; they are never stored
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(ks + k0 < KD)[None, :], other=0.0)
-            if TMA_B:
-                b = b_desc.load([b_row0, k0]).T
-            elif EVEN_K:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=(ks + k0 < KD)[:, None], other=0.0)
-            if DOT_F32:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            if not TMA_A:
-                a_ptrs += BK
-            if not TMA_B:
-                b_ptrs += BK * stride_bk
-        if SCALE_W:
-            acc = acc * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        ok = row_ok[:, None] & (cols[None, :] < NC)
-        c_row = pair if OUT_PAIR else rows
-        c_ptrs = c_ptr + c_row[:, None] * stride_cm + cols[None, :]
-        if SWIGLU_BWD:  # acc = d(act); act = silu(g) * u  ->  dg, du
-            h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
-            g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(h_ptrs + NC, mask=ok, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            dg = tl.where(row_ok[:, None], acc * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
-            du = tl.where(row_ok[:, None], acc * g * sg, 0.0)
-            ok_all = (rows[:, None] >= 0) & (cols[None, :] < NC)  # padding rows get zeros (see wgrad)
-            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok_all)
-            tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok_all)
-        else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
+            b = tl.load(b_ptrs, mask=(ks + k0 < KD)[:, None], other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        if not TMA_A:
+            a_ptrs += BK
+        if not TMA_B:
+            b_ptrs += BK * stride_bk
+    if SCALE_W:
+        acc = acc * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    ok = row_ok[:, None] & (cols[None, :] < NC)
+    c_row = pair if OUT_PAIR else rows
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + cols[None, :]
+    if SWIGLU_BWD:  # acc = d(act); act = silu(g) * u  ->  dg, du
+        h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+        g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + NC, mask=ok, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        dg = tl.where(row_ok[:, None], acc * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
+        du = tl.where(row_ok[:, None], acc * g * sg, 0.0)
+        ok_all = (rows[:, None] >= 0) & (cols[None, :] < NC)  # padding rows get zeros (see wgrad)
+        tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok_all)
+        tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok_all)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -216,15 +217,21 @@ def grouped_mm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, block_expert_ptr, off_ptr
         b_src = tl.make_tensor_descriptor(b_ptr, shape=[E * NC, KD], strides=[stride_bn, 1], block_shape=[BN, BK])
     else:
         b_src = b_ptr
-    if PERSISTENT:
+    num_n = tl.cdiv(NC, BN)
+    if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
         num_m = tl.load(off_ptr + E) // BM
-        for tile in range(tl.program_id(0), num_m * tl.cdiv(NC, BN), tl.num_programs(0)):
-            _mm_tile(tile, num_m, a_ptr, a_src, b_ptr, b_src, c_ptr, sorted_ptr, block_expert_ptr, off_ptr,
-                     counts_ptr, w_ptr, h_ptr, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn,
-                     stride_cm, stride_h, BM, BN, BK, GROUP_M, A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD,
-                     DOT_F32, EVEN_K, TMA_A, TMA_B)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                           counts_ptr, E, TOPK, BM)
+            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
+                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
+                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
     else:
-        _mm_tile(tl.program_id(0), num_blocks, a_ptr, a_src, b_ptr, b_src, c_ptr, sorted_ptr, block_expert_ptr,
-                 off_ptr, counts_ptr, w_ptr, h_ptr, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn,
-                 stride_cm, stride_h, BM, BN, BK, GROUP_M, A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD,
-                 DOT_F32, EVEN_K, TMA_A, TMA_B)
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
+        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                       counts_ptr, E, TOPK, BM)
+        if live:
+            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
+                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
+                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)

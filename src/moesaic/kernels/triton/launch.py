@@ -20,7 +20,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False         # operand tiles through tensor descriptors (Hopper TMA) where the layout allows
-    persistent: bool = False  # ~one program per multiprocessor looping over the live tiles
+    persistent: int = 0  # 1: ~one program per multiprocessor looping over the live tiles; 2: loops flattened
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class MoEConfig:
                         ("gemm2.bn", self.gemm2.bn), ("gemm2.bk", self.gemm2.bk)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"MoEConfig.{name} must be a power of two, got {v}")
+        for name, g in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
+            if int(g.persistent) not in (0, 1, 2):
+                raise ValueError(f"MoEConfig.{name}.persistent must be 0, 1 or 2, got {g.persistent!r}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
 
@@ -88,16 +91,16 @@ def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = F
              GemmConfig(64, 128, 8, 8, 3)]
         t = [GemmConfig(128, 64, 8, 8, 3, True), GemmConfig(128, 64, 8, 8, 4, True),
              GemmConfig(128, 64, 16, 8, 4, True), GemmConfig(64, 128, 8, 8, 3, True)]
-        p = [GemmConfig(128, 64, 8, 8, 4, False, True)]
-        tp = [GemmConfig(128, 64, 8, 8, 4, True, True), GemmConfig(128, 64, 8, 8, 3, True, True)]
+        p = [GemmConfig(128, 64, 8, 8, 4, False, 1)]
+        tp = [GemmConfig(128, 64, 8, 8, 4, True, 1), GemmConfig(128, 64, 8, 8, 3, True, 2)]
     else:
         c = [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
              GemmConfig(128, 128, 8, 8, 3)]
         t = [GemmConfig(256, 64, 8, 8, 3, True), GemmConfig(256, 64, 8, 8, 4, True),
              GemmConfig(128, 64, 8, 8, 4, True), GemmConfig(128, 128, 8, 8, 3, True),
              GemmConfig(256, 64, 16, 8, 3, True)]
-        p = [GemmConfig(256, 64, 8, 8, 3, False, True)]
-        tp = [GemmConfig(256, 64, 8, 8, 3, True, True), GemmConfig(256, 64, 8, 8, 4, True, True)]
+        p = [GemmConfig(256, 64, 8, 8, 3, False, 1)]
+        tp = [GemmConfig(256, 64, 8, 8, 3, True, 1), GemmConfig(256, 64, 8, 8, 3, True, 2)]
     return c + (t if tma else []) + (p if persistent else []) + (tp if tma and persistent else [])
 
 

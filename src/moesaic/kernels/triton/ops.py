@@ -20,6 +20,7 @@ Backward (always grouped; training batches are large):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,6 +58,7 @@ def _grid_mm(al: Alignment, ncols: int, g: GemmConfig) -> tuple[int]:
     return (min(tiles, _num_sms(al.off_E1.device)),) if g.persistent else (tiles,)
 
 
+@functools.cache
 def tma_available() -> bool:
     """Triton has in-kernel tensor descriptors (3.4+) and the device has TMA (Hopper or newer), or the
     interpreter runs the kernels (tests)."""
