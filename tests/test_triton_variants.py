@@ -37,7 +37,7 @@ def cfg_of(bm: int, tma: bool, persistent: int, bn1: int = 32, bn2: int = 32, bk
     (100, 64, 32, 8, 3, 32, {"drop": 0.2}),        # atomic align path, dropped slots
     (40, 64, 32, 8, 2, 16, {"one_expert": True}),  # all tokens on one expert
 ])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ["tma", "persistent", "tma+flat"])  # tma+persistent: at T = 1000 below
 def test_variant_forward_matches_reference(t, d, f, e, k, bm, kw, variant):
     dtype = torch.bfloat16 if t % 2 else torch.float16
     x, w13, w2, ids, w = problem(t, d, f, e, k, dtype, seed=t + e, **kw)
@@ -50,7 +50,7 @@ def test_variant_at_t1000():
     """T = 1000: several row blocks per expert and many tiles per persistent program (one variant: the
     interpreter needs ~10 s per run at this size)."""
     x, w13, w2, ids, w = problem(1000, 64, 32, 16, 2, torch.bfloat16, seed=11)
-    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(64, True, 2, bn2=64))
+    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(64, True, 1, bn2=64))
     assert rel(y, ref64(x, w13, w2, ids, w)) < TOL[torch.bfloat16]
 
 

@@ -77,9 +77,12 @@ def _ensure_allocator() -> None:
     global _ALLOCATOR_SET
     if _ALLOCATOR_SET:
         return
-    from triton.runtime import _allocation
-
-    if type(_allocation._allocator.get()).__name__ == "NullAllocator":  # keep a user's allocator
+    try:  # keep a user's allocator (Triton's default is a NullAllocator that raises)
+        from triton.runtime import _allocation
+        keep = type(_allocation._allocator.get()).__name__ != "NullAllocator"
+    except Exception:  # private API moved: set ours
+        keep = False
+    if not keep:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     _ALLOCATOR_SET = True
 
