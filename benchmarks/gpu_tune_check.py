@@ -114,16 +114,53 @@ def tune(out: Path, budget_s: float, exclude_path: Path) -> None:
                                  budget_s=left / (len(SHAPES) - i) * 1.5, log=log, exclude=exclude)
         old = log[0]["us"] if shipped is not None and log else None
         autotune.write_entry(autotune.user_dir() / f"{tag}.json", key, best, us, torch.cuda.get_device_name(dev))
+        stages = {}
+        prob = autotune.random_problem(t, d, f, e, k, torch.bfloat16, dev)
+        for label, cfg in (("old", shipped), ("new", best)):
+            try:
+                stages[label] = stage_times(prob, cfg) if cfg is not None and cfg.path == "grouped" else None
+            except Exception as exc:
+                stages[label] = repr(exc)[:200]
+        del prob
         rows.append({"shape": name, "T": t, "key": key, "old_config": shipped and shipped.to_dict(), "old_us": old,
-                     "new_config": best.to_dict(), "new_us": us, "seconds": time.monotonic() - t0, "log": log})
+                     "new_config": best.to_dict(), "new_us": us, "stages": stages,
+                     "seconds": time.monotonic() - t0, "log": log})
         out.write_text(json.dumps(rows, indent=1))
         bad = [r for r in log if r["error"] and "resources" not in r["error"].lower()]
         print(f"# tune {name} T={t}: shipped {old if old is None else round(old, 1)} us -> {us:.1f} us "
               f"({'same config' if best == shipped else best}); {len(log)} timed, {len(bad)} failed "
-              f"in {time.monotonic() - t0:.0f}s", flush=True)
+              f"in {time.monotonic() - t0:.0f}s; GEMMs old {stages['old']} new {stages['new']}", flush=True)
         for r in bad[:3]:
             print(f"#   failed {r['config']}: {r['error']}")
         torch.cuda.empty_cache()
+
+
+def stage_times(prob, cfg) -> dict:
+    """GPU time (us, CUDA-graph replays) and TFLOP/s of the two grouped GEMMs of cfg alone."""
+    import torch
+    import triton.testing
+
+    from moesaic.kernels.triton import ops
+    from moesaic.kernels.triton.align import align
+
+    x, w13, w2, ids, w = prob
+    (t, d), (e, _, f), k = x.shape, w2.shape, ids.shape[1]
+    al = align(ids, e, cfg.bm)
+    act, _ = ops.run_w13(x, w13, al, k, cfg.gemm1, False)
+    o = torch.empty((t * k, d), dtype=x.dtype, device=x.device)
+    fns = {"w13": lambda: ops.run_w13(x, w13, al, k, cfg.gemm1, False),
+           "w2": lambda: ops.run_mm(act, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), o, al, k, d, f, cfg.gemm2,
+                                    a_gather=False, out_pair=True)}
+    flops = {"w13": 4.0 * t * k * d * f, "w2": 2.0 * t * k * d * f}
+    res = {}
+    for name, fn in fns.items():
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        us = 1e3 * triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median")
+        res[name] = {"us": round(us, 1), "tflops": round(flops[name] / us / 1e6, 1)}
+    return res
 
 
 def merged(out_dir: Path) -> Path | None:
@@ -208,7 +245,7 @@ def main() -> None:
     if (out / "tune.json").exists():
         for r in json.loads((out / "tune.json").read_text()):
             print(f"# tune {r['shape']} T={r['T']}: {r['old_us'] and round(r['old_us'], 1)} -> {r['new_us']:.1f} us"
-                  f" {r['new_config']}")
+                  f" {r['new_config']}; GEMM stages old {r['stages'].get('old')} new {r['stages'].get('new')}")
     run("moe_layer", [sys.executable, "benchmarks/moe_layer.py", "--device", "cuda", "--shapes", "Qwen3-30B-A3B",
                       "OLMoE-1B-7B", "DeepSeek-V3", "Mixtral-8x7B", "--tokens", "4096", "16384", "--rep-ms", "30",
                       "--json", str(out / "moe_layer_large_t.json")], left() - 25, out, env)
