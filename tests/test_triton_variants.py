@@ -21,10 +21,10 @@ from moesaic.kernels.triton.launch import GemmConfig, MoEConfig  # noqa: E402
 from test_triton import DEV, TOL, problem, ref64, rel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter math on padding rows
-VARIANTS = {"tma": (True, 0), "persistent": (False, 1), "tma+persistent": (True, 1), "tma+flat": (True, 2)}
+VARIANTS = {"tma": (1, 0), "tma+gather": (2, 0), "persistent": (0, 1), "tma+persistent": (1, 1), "tma+flat": (1, 2)}
 
 
-def cfg_of(bm: int, tma: bool, persistent: int, bn1: int = 32, bn2: int = 32, bk: int = 32) -> MoEConfig:
+def cfg_of(bm: int, tma: int, persistent: int, bn1: int = 32, bn2: int = 32, bk: int = 32) -> MoEConfig:
     return MoEConfig("grouped", bm, GemmConfig(bn1, bk, 2, 4, 2, tma, persistent),
                      GemmConfig(bn2, bk, 2, 4, 2, tma, persistent))
 
@@ -37,7 +37,7 @@ def cfg_of(bm: int, tma: bool, persistent: int, bn1: int = 32, bn2: int = 32, bk
     (100, 64, 32, 8, 3, 32, {"drop": 0.2}),        # atomic align path, dropped slots
     (40, 64, 32, 8, 2, 16, {"one_expert": True}),  # all tokens on one expert
 ])
-@pytest.mark.parametrize("variant", ["tma", "persistent", "tma+flat"])  # tma+persistent: at T = 1000 below
+@pytest.mark.parametrize("variant", ["tma+gather", "persistent", "tma+flat"])  # tma+persistent: T = 1000 below
 def test_variant_forward_matches_reference(t, d, f, e, k, bm, kw, variant):
     dtype = torch.bfloat16 if t % 2 else torch.float16
     x, w13, w2, ids, w = problem(t, d, f, e, k, dtype, seed=t + e, **kw)
@@ -50,11 +50,11 @@ def test_variant_at_t1000():
     """T = 1000: several row blocks per expert and many tiles per persistent program (one variant: the
     interpreter needs ~10 s per run at this size)."""
     x, w13, w2, ids, w = problem(1000, 64, 32, 16, 2, torch.bfloat16, seed=11)
-    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(64, True, 1, bn2=64))
+    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(64, 1, 1, bn2=64))
     assert rel(y, ref64(x, w13, w2, ids, w)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("variant", ["persistent", "tma+flat"])
+@pytest.mark.parametrize("variant", ["tma+gather", "tma+flat"])
 def test_variant_training_forward_and_backward(variant):
     """The training forward (SAVE_H) runs the variant; the backward's GEMMs take it where they can."""
     x, w13, w2, ids, w = problem(70, 64, 32, 8, 3, torch.bfloat16, seed=4, drop=0.1)
@@ -82,19 +82,34 @@ def test_tma_only_where_the_layout_allows():
     assert not ops._tma_ok(torch.randn(8, 36, device=DEV, dtype=w.dtype), rows_contiguous=False)  # 72-byte rows
 
 
+def test_tma_gather_variant_sorts_x_first(monkeypatch):
+    calls = []
+    real = ops._gather_sorted
+    monkeypatch.setattr(ops, "_gather_sorted", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    x, w13, w2, ids, w = problem(5, 64, 32, 4, 2, torch.float16, seed=2)
+    moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(16, 1, 0))
+    assert calls == []
+    y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(16, 2, 0))
+    assert calls == ([x.shape] if ops.tma_available() else [])
+    assert rel(y, ref64(x, w13, w2, ids, w)) < TOL[torch.float16]
+
+
 def test_candidates_and_json_roundtrip_of_variants():
     for which in ("gemm1", "gemm2"):
         base = launch.gemm_candidates(128, which)
         wide = launch.gemm_candidates(128, which, tma=True, persistent=True)
         assert set(base) < set(wide) and not any(g.tma or g.persistent for g in base)
         assert any(g.tma and g.persistent for g in wide) and any(g.persistent and not g.tma for g in wide)
-    cfg = cfg_of(64, True, 2)
+        assert any(g.tma == 2 for g in wide) == (which == "gemm1")  # pre-gathered x: the w13 GEMM only
+    cfg = cfg_of(64, 2, 2)
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="persistent"):
-        cfg_of(64, True, 3)
+        cfg_of(64, 1, 3)
+    with pytest.raises(ValueError, match="tma"):
+        cfg_of(64, 3, 0)
     old = {"path": "grouped", "bm": 64, "gemm1": {"bn": 32, "bk": 32, "group_m": 2, "num_warps": 4,
                                                   "num_stages": 2}, "gemm2": {"bn": 32, "bk": 32}}
-    assert MoEConfig.from_dict(old).gemm1 == GemmConfig(32, 32, 2, 4, 2, False, 0)  # shipped JSON still loads
+    assert MoEConfig.from_dict(old).gemm1 == GemmConfig(32, 32, 2, 4, 2, 0, 0)  # shipped JSON still loads
 
 
 # ---- full sizes on the GPU: every large-T candidate of the tuner, on the benchmark shapes -----------

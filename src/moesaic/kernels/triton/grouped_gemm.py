@@ -15,8 +15,9 @@ stored. Sorted row r holds pair sorted_ids[r]; the pair's token is pair // K.
 Variants (constexpr flags, chosen per shape by the autotuner; see launch.GemmConfig):
   TMA_A / TMA_B  operand tiles through Hopper tensor descriptors (tl.make_tensor_descriptor; the
                  descriptor lives in a global scratch that triton.set_allocator provides) instead of
-                 pointer loads: the weights (K-contiguous) and, for grouped_mm, sorted A rows. Tiles
-                 past the tensor's end are zero-filled by the hardware.
+                 pointer loads: the weights (K-contiguous) and sorted A rows (for w13: x gathered into
+                 sorted order beforehand by gather_rows, one extra pass). Tiles past the tensor's end are
+                 zero-filled by the hardware.
   PERSISTENT     1: a grid of about one program per multiprocessor striding over the live tiles only
                  (off[E] / BM row blocks x column blocks) instead of one program per possible tile;
                  2: the same with tl.range(flatten=True), so the compiler may flatten the tile and K
@@ -54,13 +55,17 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, E, TOP
 
 
 @triton.jit
-def _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt, stride_we,
-              stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_B: tl.constexpr):
+def _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
+              stride_we, stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr,
+              TMA_B: tl.constexpr):
     """One live BM x BN tile of act (and h): the K loop and the SwiGLU epilogue."""
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
+    if TMA_A:  # x_ptr holds the rows already gathered into sorted order
+        a_row0 = (pid_m * BM).to(tl.int32)
+    else:
+        a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
     if TMA_B:  # rows past F read the up half or (last expert) zeros; such columns are never stored
         g_row = (e * 2 * F + pid_n * BN).to(tl.int32)
     else:
@@ -70,7 +75,9 @@ def _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_desc, act_ptr, h_ptr,
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        if EVEN_K:
+        if TMA_A:
+            a = x_desc.load([a_row0, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=(ks + k0 < D)[None, :], other=0.0)
@@ -88,7 +95,8 @@ def _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_desc, act_ptr, h_ptr,
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
         acc_g = tl.dot(a, bg, acc_g)
         acc_u = tl.dot(a, bu, acc_u)
-        a_ptrs += BK
+        if not TMA_A:
+            a_ptrs += BK
         if not TMA_B:
             g_ptrs += BK
             u_ptrs += BK
@@ -106,13 +114,17 @@ def _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_desc, act_ptr, h_ptr,
 
 @triton.jit
 def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, act_ptr, h_ptr,
-                      num_blocks, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
+                      num_blocks, x_rows, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-                      TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
-    # x_ptr [T, D] row-major activations; w_ptr [E, 2F, D] (gate rows then up rows, D contiguous);
+                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
+    # x_ptr [x_rows, D] row-major activations: token rows, or (TMA_A) rows already in sorted order; w_ptr [E, 2F, D] (gate rows then up rows, D contiguous);
     # act_ptr [P, F] output silu(gate)*up in sorted rows; h_ptr [P, 2F] pre-activations (if SAVE_H).
     # TMA_B needs stride_we == 2F * stride_wg (checked by the caller): one descriptor over [E*2F, D].
+    if TMA_A:
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[x_rows, D], strides=[stride_xt, 1], block_shape=[BM, BK])
+    else:
+        x_src = x_ptr
     if TMA_B:
         w_src = tl.make_tensor_descriptor(w_ptr, shape=[E * 2 * F, D], strides=[stride_wg, 1],
                                           block_shape=[BN, BK])
@@ -125,15 +137,17 @@ def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, count
             pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
             live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
                                                            counts_ptr, E, TOPK, BM)
-            _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_src, act_ptr, h_ptr, D, F, stride_xt,
-                      stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_B)
+            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
         live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
                                                        counts_ptr, E, TOPK, BM)
         if live:
-            _w13_tile(pid_n, e, rows, row_ok, tok, x_ptr, w_ptr, w_src, act_ptr, h_ptr, D, F, stride_xt,
-                      stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_B)
+            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
 
 
 @triton.jit

@@ -19,7 +19,8 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    tma: bool = False         # operand tiles through tensor descriptors (Hopper TMA) where the layout allows
+    tma: int = 0  # operand tiles through tensor descriptors (Hopper TMA) where the layout allows; 2 (w13):
+    #               also x, gathered into sorted rows by an extra pass
     persistent: int = 0  # 1: ~one program per multiprocessor looping over the live tiles; 2: loops flattened
 
 
@@ -38,8 +39,9 @@ class MoEConfig:
             if v < 1 or v & (v - 1):
                 raise ValueError(f"MoEConfig.{name} must be a power of two, got {v}")
         for name, g in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
-            if int(g.persistent) not in (0, 1, 2):
-                raise ValueError(f"MoEConfig.{name}.persistent must be 0, 1 or 2, got {g.persistent!r}")
+            if int(g.persistent) not in (0, 1, 2) or int(g.tma) not in (0, 1, 2):
+                raise ValueError(f"MoEConfig.{name}.tma and .persistent must be 0, 1 or 2, got {g.tma!r}, "
+                                 f"{g.persistent!r}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
 
@@ -89,18 +91,17 @@ def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = F
     if which == "gemm1":  # two accumulators (gate, up): half the columns of gemm2 for the same registers
         c = [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
              GemmConfig(64, 128, 8, 8, 3)]
-        t = [GemmConfig(128, 64, 8, 8, 3, True), GemmConfig(128, 64, 8, 8, 4, True),
-             GemmConfig(128, 64, 16, 8, 4, True), GemmConfig(64, 128, 8, 8, 3, True)]
-        p = [GemmConfig(128, 64, 8, 8, 4, False, 1)]
-        tp = [GemmConfig(128, 64, 8, 8, 4, True, 1), GemmConfig(128, 64, 8, 8, 3, True, 2)]
+        t = [GemmConfig(128, 64, 8, 8, 3, 1), GemmConfig(128, 64, 8, 8, 4, 1), GemmConfig(128, 64, 16, 8, 4, 1),
+             GemmConfig(64, 128, 8, 8, 3, 1), GemmConfig(128, 64, 8, 8, 3, 2), GemmConfig(128, 64, 8, 8, 4, 2)]
+        p = [GemmConfig(128, 64, 8, 8, 4, 0, 1)]
+        tp = [GemmConfig(128, 64, 8, 8, 4, 1, 1), GemmConfig(128, 64, 8, 8, 3, 1, 2), GemmConfig(128, 64, 8, 8, 3, 2, 2)]
     else:
         c = [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
              GemmConfig(128, 128, 8, 8, 3)]
-        t = [GemmConfig(256, 64, 8, 8, 3, True), GemmConfig(256, 64, 8, 8, 4, True),
-             GemmConfig(128, 64, 8, 8, 4, True), GemmConfig(128, 128, 8, 8, 3, True),
-             GemmConfig(256, 64, 16, 8, 3, True)]
-        p = [GemmConfig(256, 64, 8, 8, 3, False, 1)]
-        tp = [GemmConfig(256, 64, 8, 8, 3, True, 1), GemmConfig(256, 64, 8, 8, 3, True, 2)]
+        t = [GemmConfig(256, 64, 8, 8, 3, 1), GemmConfig(256, 64, 8, 8, 4, 1), GemmConfig(128, 64, 8, 8, 4, 1),
+             GemmConfig(128, 128, 8, 8, 3, 1), GemmConfig(256, 64, 16, 8, 3, 1)]
+        p = [GemmConfig(256, 64, 8, 8, 3, 0, 1)]
+        tp = [GemmConfig(256, 64, 8, 8, 3, 1, 1), GemmConfig(256, 64, 8, 8, 3, 1, 2)]
     return c + (t if tma else []) + (p if persistent else []) + (tp if tma and persistent else [])
 
 

@@ -105,11 +105,14 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
     act = torch.empty((p, f), dtype=x_TD.dtype, device=x_TD.device)
     h = torch.empty((p, gg), dtype=x_TD.dtype, device=x_TD.device) if save_h else act
     tma_b = g.tma and _tma_ok(w13_EGD)
+    # tma 2: gather x into sorted rows first (one pass), so the GEMM loads A through a descriptor too
+    tma_a = g.tma == 2 and _tma_ok(x_TD, rows_contiguous=False)
+    a = _gather_sorted(x_TD, al, topk) if tma_a else x_TD
     launcher(gk.w13_swiglu_kernel)(_grid_mm(al, f, g),
-        x_TD, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
-        al.max_blocks, e, d, f, topk, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
+        a, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
+        al.max_blocks, a.shape[0], e, d, f, topk, a.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
-        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_B=tma_b, PERSISTENT=g.persistent,
+        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=g.persistent,
         num_warps=g.num_warps, num_stages=g.num_stages)
     return act, (h if save_h else None)
 
