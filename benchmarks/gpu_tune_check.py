@@ -69,9 +69,9 @@ def warm(idx: int, n: int, out: Path) -> None:
         if j % n != idx:
             continue
         cfg = MoEConfig("grouped", BM, g if which == "gemm1" else g1s[0], g if which == "gemm2" else g2s[0])
-        row = {"which": which, "gemm": dataclasses.asdict(g), "ok": False}
+        row = {"which": which, "gemm": dataclasses.asdict(g), "ok": False, "done": False}
         res.append(row)
-        out.write_text(json.dumps(res))  # before the run: a crash leaves this row not ok
+        out.write_text(json.dumps(res))  # before the run: a crash leaves this row not done
         try:
             y = ops.forward(x, w13, w2, ids, w, cfg)
             sync()
@@ -87,6 +87,7 @@ def warm(idx: int, n: int, out: Path) -> None:
         except Exception as exc:
             row["error"] = repr(exc)[:300]
             sync()
+        row["done"] = True
         out.write_text(json.dumps(res))
 
 
@@ -172,7 +173,8 @@ def merged(out_dir: Path) -> Path | None:
     new = autotune.user_dir() / f"{tag}.json"
     if not new.exists():
         return None
-    table = json.loads((autotune.PACKAGED_DIR / f"{tag}.json").read_text())
+    shipped = autotune.PACKAGED_DIR / f"{tag}.json"
+    table = json.loads(shipped.read_text()) if shipped.exists() else {"device": tag, "entries": {}}
     table["entries"].update(json.loads(new.read_text())["entries"])
     table["entries"] = dict(sorted(table["entries"].items()))
     path = out_dir / f"{tag}.json"
@@ -228,16 +230,21 @@ def main() -> None:
             pr.wait(timeout=max(1.0, limit - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             pr.kill()
+            pr.wait()
+            pr.returncode = "timeout"
     rows = []
-    for i in range(N_WARM):
+    for i, pr in enumerate(procs):
         f = out / f"warm_{i}.json"
-        rows += json.loads(f.read_text()) if f.exists() else []
-    bad = [r for r in rows if not r["ok"]]
+        for r in json.loads(f.read_text()) if f.exists() else []:
+            r["crashed"] = not r["done"] and pr.returncode != "timeout"  # died in it; cut off by time: unknown
+            rows.append(r)
+    bad = [r for r in rows if (r["done"] and not r["ok"]) or r["crashed"]]
     (out / "exclude.json").write_text(json.dumps([r["gemm"] for r in bad]))
     print(f"== warm: {len(rows)} configs compiled and checked in {time.monotonic() - t0:.0f}s, "
           f"{len(bad)} excluded, process rc {[pr.returncode for pr in procs]}", flush=True)
     for r in bad:
-        print(f"#   excluded {r['which']} {r['gemm']}: {r.get('error', r.get('rel_err'))}")
+        print(f"#   excluded {r['which']} {r['gemm']}: "
+              f"{'process died in it' if r['crashed'] else r.get('error', r.get('rel_err'))}")
 
     # 2. tune, 3. the layer benchmark, 4. merged configs, 5. pytest
     tune_s = max(0.0, min(150.0, left() - 150))
@@ -249,8 +256,10 @@ def main() -> None:
     run("moe_layer", [sys.executable, "benchmarks/moe_layer.py", "--device", "cuda", "--shapes", "Qwen3-30B-A3B",
                       "OLMoE-1B-7B", "DeepSeek-V3", "Mixtral-8x7B", "--tokens", "4096", "16384", "--rep-ms", "30",
                       "--json", str(out / "moe_layer_large_t.json")], left() - 25, out, env)
-    path = merged(out)
-    print(f"# merged configs: {path}")
+    try:
+        print(f"# merged configs: {merged(out)}")
+    except Exception as exc:
+        print(f"# merging the configs failed: {exc!r}")
     run("pytest_gpu", [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider",
                        "tests/test_triton.py", "tests/test_triton_variants.py"], left(), out, env)
     summary(out)
