@@ -104,7 +104,7 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
     p = al.sorted_ids_P.shape[0]
     act = torch.empty((p, f), dtype=x_TD.dtype, device=x_TD.device)
     h = torch.empty((p, gg), dtype=x_TD.dtype, device=x_TD.device) if save_h else act
-    tma_b = g.tma and _tma_ok(w13_EGD)
+    tma_b = g.tma > 0 and _tma_ok(w13_EGD)
     # tma 2: gather x into sorted rows first (one pass), so the GEMM loads A through a descriptor too
     tma_a = g.tma == 2 and _tma_ok(x_TD, rows_contiguous=False)
     a = _gather_sorted(x_TD, al, topk) if tma_a else x_TD
@@ -112,7 +112,7 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
         a, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
         al.max_blocks, a.shape[0], e, d, f, topk, a.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
-        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=g.persistent,
+        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
         num_warps=g.num_warps, num_stages=g.num_stages)
     return act, (h if save_h else None)
 
@@ -124,14 +124,14 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
     w = w_N if w_N is not None else out
     h = h_PG if h_PG is not None else out
     # TMA for B only when each expert's weight is a K-contiguous [ncols, kd] block of a contiguous tensor
-    tma_b = g.tma and sk == 1 and se == ncols * sn and _tma_ok(b_ptr_tensor)
-    tma_a = g.tma and not a_gather and _tma_ok(a, rows_contiguous=False)
+    tma_b = g.tma > 0 and sk == 1 and se == ncols * sn and _tma_ok(b_ptr_tensor)
+    tma_a = g.tma > 0 and not a_gather and _tma_ok(a, rows_contiguous=False)
     launcher(gk.grouped_mm_kernel)(_grid_mm(al, ncols, g),
         a, b_ptr_tensor, out, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w, h,
         al.max_blocks, a.shape[0], b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
         OUT_PAIR=out_pair, SCALE_W=w_N is not None, SWIGLU_BWD=h_PG is not None,
-        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=g.persistent,
+        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
         num_warps=g.num_warps, num_stages=g.num_stages)
 
 
