@@ -3,7 +3,7 @@
     python benchmarks/gpu_tune_check.py OUTDIR [--budget-s 330]
 
 Parts, each a subprocess under a timeout carved from the budget (a crash in one cannot take the others):
- 1. warm   8 processes compile every large-T candidate GEMM config (bf16, row block 128) on a small
+ 1. warm   8 processes compile every large-T candidate GEMM config (bf16, row blocks 128 and 64) on a small
            problem with the benchmark shapes' specialization (filling Triton's disk cache for the rest)
            and check each against the reference, forward and (a few) training forward + backward.
            A config that fails or whose process dies is excluded from tuning.
@@ -30,20 +30,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-SHAPES = [  # (name, T, D, F, E, K), most needed first
-    ("Qwen3-30B-A3B", 4096, 2048, 768, 128, 8), ("OLMoE-1B-7B", 4096, 2048, 1024, 64, 8),
-    ("DeepSeek-V3", 4096, 7168, 2048, 256, 8), ("Qwen3-30B-A3B", 16384, 2048, 768, 128, 8),
-    ("OLMoE-1B-7B", 16384, 2048, 1024, 64, 8), ("DeepSeek-V3", 16384, 7168, 2048, 256, 8),
-    ("Mixtral-8x7B", 4096, 4096, 14336, 8, 2), ("Mixtral-8x7B", 16384, 4096, 14336, 8, 2)]
-BM = 128
+# (name, T, D, F, E, K, row blocks to try), most needed first. Row block 64 where the rows per expert
+# (T*K/E = 128-512) leave a bm-128 tiling 12-50% padding rows (softmax routing: counts spread ~sqrt(n)).
+SHAPES = [
+    ("Qwen3-30B-A3B", 4096, 2048, 768, 128, 8, (128, 64)), ("OLMoE-1B-7B", 4096, 2048, 1024, 64, 8, (128, 64)),
+    ("DeepSeek-V3", 4096, 7168, 2048, 256, 8, (128, 64)), ("Qwen3-30B-A3B", 16384, 2048, 768, 128, 8, (128,)),
+    ("OLMoE-1B-7B", 16384, 2048, 1024, 64, 8, (128,)), ("DeepSeek-V3", 16384, 7168, 2048, 256, 8, (128, 64)),
+    ("Mixtral-8x7B", 4096, 4096, 14336, 8, 2, (128,)), ("Mixtral-8x7B", 16384, 4096, 14336, 8, 2, (128,))]
+BMS = (128, 64)
 N_WARM = 8
 
 
-def _cands():
+def _cands(bm: int):
     from moesaic.kernels.triton import autotune, launch
 
     tma, persistent = autotune.variants()
-    return (launch.gemm_candidates(BM, "gemm1", tma, persistent), launch.gemm_candidates(BM, "gemm2", tma, persistent))
+    return (launch.gemm_candidates(bm, "gemm1", tma, persistent), launch.gemm_candidates(bm, "gemm2", tma, persistent))
 
 
 def warm(idx: int, n: int, out: Path) -> None:
@@ -55,8 +57,8 @@ def warm(idx: int, n: int, out: Path) -> None:
     from moesaic.kernels.triton import autotune, ops
     from moesaic.kernels.triton.launch import MoEConfig
 
-    g1s, g2s = _cands()
-    jobs = [("gemm1", g) for g in g1s] + [("gemm2", g) for g in g2s]
+    jobs = [(bm, which, g, g1s[0], g2s[0]) for bm in BMS for g1s, g2s in [_cands(bm)]
+            for which, gs in (("gemm1", g1s), ("gemm2", g2s)) for g in gs]
     dev = torch.device(os.environ.get("GPU_TUNE_CHECK_DEVICE", "cuda"))  # cpu: a dry run under TRITON_INTERPRET
     x, w13, w2, ids, w = autotune.random_problem(256, 256, 256, 16, 8, torch.bfloat16, dev, seed=1)
     ref = moe_experts_reference(x.float(), w13.float(), w2.float(), ids, w.float())
@@ -65,11 +67,11 @@ def warm(idx: int, n: int, out: Path) -> None:
             torch.cuda.synchronize()
 
     res = []
-    for j, (which, g) in enumerate(jobs):
+    for j, (bm, which, g, g1, g2) in enumerate(jobs):
         if j % n != idx:
             continue
-        cfg = MoEConfig("grouped", BM, g if which == "gemm1" else g1s[0], g if which == "gemm2" else g2s[0])
-        row = {"which": which, "gemm": dataclasses.asdict(g), "ok": False, "done": False}
+        cfg = MoEConfig("grouped", bm, g if which == "gemm1" else g1, g if which == "gemm2" else g2)
+        row = {"bm": bm, "which": which, "gemm": dataclasses.asdict(g), "ok": False, "done": False}
         res.append(row)
         out.write_text(json.dumps(res))  # before the run: a crash leaves this row not done
         try:
@@ -97,12 +99,14 @@ def tune(out: Path, budget_s: float, exclude_path: Path) -> None:
     from moesaic.kernels.triton import autotune
     from moesaic.kernels.triton.launch import GemmConfig
 
-    exclude = [GemmConfig(**d) for d in json.loads(exclude_path.read_text())] if exclude_path.exists() else []
+    exclude: dict = {}  # bm -> GemmConfigs that failed the warm check
+    for bm, d in json.loads(exclude_path.read_text()) if exclude_path.exists() else []:
+        exclude.setdefault(bm, []).append(GemmConfig(**d))
     dev = torch.device("cuda")
     tag = autotune.device_tag(dev)
-    print(f"# tune: variants (tma, persistent) = {autotune.variants()}, {len(exclude)} configs excluded", flush=True)
+    print(f"# tune: variants (tma, persistent) = {autotune.variants()}, excluded {exclude}", flush=True)
     rows, t_end = [], time.monotonic() + budget_s
-    for i, (name, t, d, f, e, k) in enumerate(SHAPES):
+    for i, (name, t, d, f, e, k, bms) in enumerate(SHAPES):
         left = t_end - time.monotonic()
         if left < 5:
             print(f"# tune: budget spent, {name} T={t} and later not tuned")
@@ -111,7 +115,7 @@ def tune(out: Path, budget_s: float, exclude_path: Path) -> None:
         shipped = autotune.lookup(key, tag)
         log: list = []
         t0 = time.monotonic()
-        best, us = autotune.tune(t, d, f, e, k, torch.bfloat16, dev, bms=[BM], baseline=shipped, check=True,
+        best, us = autotune.tune(t, d, f, e, k, torch.bfloat16, dev, bms=list(bms), baseline=shipped, check=True,
                                  budget_s=left / (len(SHAPES) - i) * 1.5, log=log, exclude=exclude)
         old = log[0]["us"] if shipped is not None and log else None
         autotune.write_entry(autotune.user_dir() / f"{tag}.json", key, best, us, torch.cuda.get_device_name(dev))
@@ -239,11 +243,11 @@ def main() -> None:
             r["crashed"] = not r["done"] and pr.returncode != "timeout"  # died in it; cut off by time: unknown
             rows.append(r)
     bad = [r for r in rows if (r["done"] and not r["ok"]) or r["crashed"]]
-    (out / "exclude.json").write_text(json.dumps([r["gemm"] for r in bad]))
+    (out / "exclude.json").write_text(json.dumps([[r["bm"], r["gemm"]] for r in bad]))
     print(f"== warm: {len(rows)} configs compiled and checked in {time.monotonic() - t0:.0f}s, "
           f"{len(bad)} excluded, process rc {[pr.returncode for pr in procs]}", flush=True)
     for r in bad:
-        print(f"#   excluded {r['which']} {r['gemm']}: "
+        print(f"#   excluded bm {r['bm']} {r['which']} {r['gemm']}: "
               f"{'process died in it' if r['crashed'] else r.get('error', r.get('rel_err'))}")
 
     # 2. tune, 3. the layer benchmark, 4. merged configs, 5. pytest

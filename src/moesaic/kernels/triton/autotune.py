@@ -183,7 +183,7 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
     shipped one), kept unless a candidate beats it; check: compare every candidate's output with the
     reference backend (candidates off by > 2e-2 relative are rejected); budget_s: stop trying new
     candidates after this many seconds; log: list receiving one dict per timed candidate; exclude: GemmConfigs
-    not to try (e.g. ones that failed a smoke test)."""
+    not to try (e.g. ones that failed a smoke test), or a dict row block -> such GemmConfigs."""
     import time
 
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -197,8 +197,9 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
     if baseline is not None:
         best = (baseline, _time_us(baseline, args, ref, log=log))
     for bm in (bms or launch.bm_candidates(t, e, k)):
-        cands1 = [g for g in launch.gemm_candidates(bm, "gemm1", tma, persistent) if g not in exclude]
-        cands2 = [g for g in launch.gemm_candidates(bm, "gemm2", tma, persistent) if g not in exclude]
+        skip = exclude.get(bm, ()) if isinstance(exclude, dict) else exclude
+        cands1 = [g for g in launch.gemm_candidates(bm, "gemm1", tma, persistent) if g not in skip]
+        cands2 = [g for g in launch.gemm_candidates(bm, "gemm2", tma, persistent) if g not in skip]
         same = baseline is not None and baseline.path == "grouped" and baseline.bm == bm
         g2 = baseline.gemm2 if same else cands2[0]
         c1, _ = _stage(lambda g, bm=bm, g2=g2: MoEConfig("grouped", bm, g, g2), cands1, args, ref, log, deadline)

@@ -102,6 +102,9 @@ def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = F
              GemmConfig(128, 128, 8, 8, 3, 1), GemmConfig(256, 64, 16, 8, 3, 1)]
         p = [GemmConfig(256, 64, 8, 8, 3, 0, 1)]
         tp = [GemmConfig(256, 64, 8, 8, 3, 1, 1), GemmConfig(256, 64, 8, 8, 3, 1, 2)]
+    if bm == 64:  # one warpgroup per 64-row tile (m64 wgmma): fewer padding rows per expert than bm 128
+        w4 = GemmConfig(128, 64, 8, 4, 4) if which == "gemm1" else GemmConfig(256, 64, 8, 4, 3)
+        c, t = c + [w4], t + [GemmConfig(w4.bn, w4.bk, w4.group_m, 4, w4.num_stages, 1)]
     return c + (t if tma else []) + (p if persistent else []) + (tp if tma and persistent else [])
 
 
