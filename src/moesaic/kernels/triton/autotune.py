@@ -114,7 +114,22 @@ def random_problem(t, d, f, e, k, dtype, device, seed=0):
     return x, w13, w2, ids, w / w.sum(-1, keepdim=True)
 
 
-def _time_us(cfg: MoEConfig, args) -> float:
+def variants() -> tuple[bool, bool]:
+    """(tma, persistent): which grouped-GEMM variants the tuner tries. TMA needs Hopper and Triton >= 3.4;
+    MOESAIC_TRITON_TMA=0 / MOESAIC_TRITON_PERSISTENT=0 leave them out."""
+    from moesaic.kernels.triton.ops import tma_available
+
+    tma = os.environ.get("MOESAIC_TRITON_TMA", "1") != "0" and tma_available()
+    return tma, os.environ.get("MOESAIC_TRITON_PERSISTENT", "1") != "0"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _time_us(cfg: MoEConfig, args, ref=None, tol: float = 2e-2, log: list | None = None) -> float:
+    """GPU time of one forward with cfg (CUDA-graph replays), inf if it cannot run or (ref given) its
+    output is further than tol from ref."""
     import triton.testing
 
     from moesaic.kernels.triton.ops import forward_decode, forward_grouped
@@ -124,47 +139,82 @@ def _time_us(cfg: MoEConfig, args) -> float:
             return forward_decode(*args, cfg)
     else:
         def fn():
-            return forward_grouped(*args, cfg, save=False)
+            return forward_grouped(*args, cfg, save=False)[0]
+    err = None
     try:
-        fn()  # compile outside the graph
+        y = fn()  # compile outside the graph
         torch.cuda.synchronize()
+        if ref is not None:
+            err = _rel(y, ref)
+            if not err < tol:  # NaN fails too
+                raise ValueError(f"output differs from the reference: {err:.2e}")
         # time GPU work only (a CUDA graph replay): host launch cost does not depend on the config
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
-    except Exception:  # a config the chip cannot run (shared memory, registers) is skipped
+        us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+        note = None
+    except Exception as exc:  # a config the chip cannot run (shared memory, registers) is skipped
         torch.cuda.synchronize()
-        return float("inf")
+        us, note = float("inf"), repr(exc)[:160]
+    if log is not None:
+        log.append({"config": cfg.to_dict(), "us": us, "rel_err": err, "error": note})
+    return us
 
 
-def _stage(make, cands, args) -> tuple[MoEConfig, float]:
+def _stage(make, cands, args, ref=None, log=None, deadline=None) -> tuple[MoEConfig | None, float]:
+    import time
+
     best = (None, float("inf"))
     for c in cands:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         cfg = make(c)
-        us = _time_us(cfg, args)
+        us = _time_us(cfg, args, ref, log=log)
         if us < best[1]:
             best = (cfg, us)
     return best
 
 
-def tune(t, d, f, e, k, dtype, device) -> tuple[MoEConfig, float]:
-    """Time the candidate configs on a random problem of this shape; -> (best config, its time in us)."""
+def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None = None, check: bool = False,
+         budget_s: float | None = None, log: list | None = None, exclude=()) -> tuple[MoEConfig, float]:
+    """Time the candidate configs on a random problem of this shape; -> (best config, its time in us).
+    bms: row blocks to try (default launch.bm_candidates); baseline: a config timed first (e.g. the
+    shipped one), kept unless a candidate beats it; check: compare every candidate's output with the
+    reference backend (candidates off by > 2e-2 relative are rejected); budget_s: stop trying new
+    candidates after this many seconds; log: list receiving one dict per timed candidate; exclude: GemmConfigs
+    not to try (e.g. ones that failed a smoke test), or a dict row block -> such GemmConfigs."""
+    import time
+
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     args = random_problem(t, d, f, e, k, dtype, device)
+    ref = None
+    if check:
+        from moesaic.kernels.reference import moe_experts_reference
+        ref = moe_experts_reference(*args)
+    tma, persistent = variants()
     best: tuple[MoEConfig | None, float] = (None, float("inf"))
-    for bm in launch.bm_candidates(t, e, k):
-        g2 = launch.gemm_candidates(bm, "gemm2")[0]
-        c1, _ = _stage(lambda g, bm=bm, g2=g2: MoEConfig("grouped", bm, g, g2), launch.gemm_candidates(bm, "gemm1"), args)
+    if baseline is not None:
+        best = (baseline, _time_us(baseline, args, ref, log=log))
+    for bm in (bms or launch.bm_candidates(t, e, k)):
+        skip = exclude.get(bm, ()) if isinstance(exclude, dict) else exclude
+        cands1 = [g for g in launch.gemm_candidates(bm, "gemm1", tma, persistent) if g not in skip]
+        cands2 = [g for g in launch.gemm_candidates(bm, "gemm2", tma, persistent) if g not in skip]
+        same = baseline is not None and baseline.path == "grouped" and baseline.bm == bm
+        g2 = baseline.gemm2 if same else cands2[0]
+        c1, _ = _stage(lambda g, bm=bm, g2=g2: MoEConfig("grouped", bm, g, g2), cands1, args, ref, log, deadline)
         if c1 is None:
             continue
-        c2 = _stage(lambda g, c1=c1: MoEConfig("grouped", c1.bm, c1.gemm1, g), launch.gemm_candidates(bm, "gemm2"), args)
+        c2 = _stage(lambda g, c1=c1: MoEConfig("grouped", c1.bm, c1.gemm1, g), cands2, args, ref, log, deadline)
         if c2[1] < best[1]:
             best = c2
     if t * k <= DECODE_MAX_PAIRS:
         g2 = launch.decode_candidates("gemm2")[1]
-        c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2), launch.decode_candidates("gemm1"), args)
+        c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2), launch.decode_candidates("gemm1"), args, ref, log,
+                       deadline)
         if c1 is not None:
-            c2 = _stage(lambda g: MoEConfig("decode", 1, c1.gemm1, g), launch.decode_candidates("gemm2"), args)
+            c2 = _stage(lambda g: MoEConfig("decode", 1, c1.gemm1, g), launch.decode_candidates("gemm2"), args, ref,
+                        log, deadline)
             if c2[1] < best[1]:
                 best = c2
     if best[0] is None:

@@ -3,7 +3,7 @@
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K pairs,
 P padded sorted rows (see align.py), BM/BN/BK block sizes.
 
-Every kernel walks blocks of BM sorted rows; all rows of a block belong to one expert
+Every tile is BM sorted rows x BN columns; all rows of a row block belong to one expert
 (block_expert[b]); rows past the expert's count are padding: computed on harmless data and never
 stored. Sorted row r holds pair sorted_ids[r]; the pair's token is pair // K.
 
@@ -11,9 +11,17 @@ stored. Sorted row r holds pair sorted_ids[r]; the pair's token is pair // K.
   grouped_mm   C = A[rows] @ B[e]  with B[e] any [Kd, Ncols] strided view of an expert's weight;
                A rows gathered by token or taken in sorted order; output to the pair's row or the
                sorted row; optional per-row top-k weight; optional SwiGLU-backward epilogue.
-  wgrad        dW[e] = sum over e's rows of L[row].T R[row]  (the weight gradients; sorted zero-padded operands)
-  gather_rows  dst[row] = src[token] (* top-k weight): sorted, zero-padded copies for wgrad
-  combine      y[t] = sum_k w[t,k] * o[t*K+k]  over the pairs that are not dropped
+
+Variants (constexpr flags, chosen per shape by the autotuner; see launch.GemmConfig):
+  TMA_A / TMA_B  operand tiles through Hopper tensor descriptors (tl.make_tensor_descriptor; the
+                 descriptor lives in a global scratch that triton.set_allocator provides) instead of
+                 pointer loads: the weights (K-contiguous) and sorted A rows (for w13: x gathered into
+                 sorted order beforehand by gather_rows, one extra pass). Tiles past the tensor's end are
+                 zero-filled by the hardware.
+  PERSISTENT     1: a grid of about one program per multiprocessor striding over the live tiles only
+                 (off[E] / BM row blocks x column blocks) instead of one program per possible tile;
+                 2: the same with tl.range(flatten=True), so the compiler may flatten the tile and K
+                 loops into one pipelined loop (the next tile's loads overlap this tile's epilogue).
 """
 
 from __future__ import annotations
@@ -47,174 +55,197 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, E, TOP
 
 
 @triton.jit
-def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, act_ptr, h_ptr,
-                      num_blocks, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                      SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr):
-    # x_ptr [T, D] row-major activations; w_ptr [E, 2F, D] (gate rows then up rows, D contiguous);
-    # act_ptr [P, F] output silu(gate)*up in sorted rows; h_ptr [P, 2F] pre-activations (if SAVE_H).
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(F, BN), GROUP_M)
-    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                   counts_ptr, E, TOPK, BM)
-    if live:
-        cols = pid_n * BN + tl.arange(0, BN)
-        cols_ld = cols % F  # wrap instead of masking: out-of-range columns are never stored
-        ks = tl.arange(0, BK)
+def _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
+              stride_we, stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr,
+              TMA_B: tl.constexpr):
+    """One live BM x BN tile of act (and h): the K loop and the SwiGLU epilogue."""
+    cols = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    if TMA_A:  # x_ptr holds the rows already gathered into sorted order
+        a_row0 = (pid_m * BM).to(tl.int32)
+    else:
         a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
+    if TMA_B:  # rows past F read the up half or (last expert) zeros; such columns are never stored
+        g_row = (e * 2 * F + pid_n * BN).to(tl.int32)
+    else:
+        cols_ld = cols % F  # wrap instead of masking: out-of-range columns are never stored
         g_ptrs = w_ptr + e * stride_we + cols_ld[None, :].to(tl.int64) * stride_wg + ks[:, None]
         u_ptrs = g_ptrs + F * stride_wg
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                bg = tl.load(g_ptrs)
-                bu = tl.load(u_ptrs)
-            else:
-                k_ok = ks + k0 < D
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter cannot multiply bf16 natively
-                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if TMA_A:
+            a = x_desc.load([a_row0, k0])
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(ks + k0 < D)[None, :], other=0.0)
+        if TMA_B:  # descriptor loads zero-fill past D
+            bg = w_desc.load([g_row, k0]).T
+            bu = w_desc.load([g_row + F, k0]).T
+        elif EVEN_K:
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            k_ok = ks + k0 < D
+            bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter cannot multiply bf16 natively
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+        if not TMA_A:
             a_ptrs += BK
+        if not TMA_B:
             g_ptrs += BK
             u_ptrs += BK
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
-        ok = row_ok[:, None] & (cols[None, :] < F)
-        if SAVE_H:  # training: padding rows hold zeros, so the weight-gradient GEMMs need no row masks
-            act = tl.where(row_ok[:, None], act, 0.0)
-            ok = (rows[:, None] >= 0) & (cols[None, :] < F)
-        tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)
-        if SAVE_H:
-            h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
-            tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=ok)
-            tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=ok)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    ok = row_ok[:, None] & (cols[None, :] < F)
+    if SAVE_H:  # training: padding rows hold zeros, so the weight-gradient GEMMs need no row masks
+        act = tl.where(row_ok[:, None], act, 0.0)
+        ok = (rows[:, None] >= 0) & (cols[None, :] < F)
+    tl.store(act_ptr + rows[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)
+    if SAVE_H:
+        h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, act_ptr, h_ptr,
+                      num_blocks, x_rows, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                      SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
+    # x_ptr [x_rows, D] row-major activations: token rows, or (TMA_A) rows already in sorted order; w_ptr [E, 2F, D] (gate rows then up rows, D contiguous);
+    # act_ptr [P, F] output silu(gate)*up in sorted rows; h_ptr [P, 2F] pre-activations (if SAVE_H).
+    # TMA_B needs stride_we == 2F * stride_wg (checked by the caller): one descriptor over [E*2F, D].
+    if TMA_A:
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[x_rows, D], strides=[stride_xt, 1], block_shape=[BM, BK])
+    else:
+        x_src = x_ptr
+    if TMA_B:
+        w_src = tl.make_tensor_descriptor(w_ptr, shape=[E * 2 * F, D], strides=[stride_wg, 1],
+                                          block_shape=[BN, BK])
+    else:
+        w_src = w_ptr
+    num_n = tl.cdiv(F, BN)
+    if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
+        num_m = tl.load(off_ptr + E) // BM
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                           counts_ptr, E, TOPK, BM)
+            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
+        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                       counts_ptr, E, TOPK, BM)
+        if live:
+            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
+
+
+@triton.jit
+def _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
+             stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+             DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+    """One live BM x BN tile of C: the K loop and the epilogue."""
+    cols = pid_n * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    if TMA_A:
+        a_row0 = (pid_m * BM).to(tl.int32)
+    else:
+        a_row = tok if A_GATHER else rows
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+    if TMA_B:
+        b_row0 = (e * NC + pid_n * BN).to(tl.int32)
+    else:
+        cols_ld = (cols % NC).to(tl.int64)
+        b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols_ld[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        if TMA_A:  # descriptor loads zero-fill past KD and past the last row
+            a = a_desc.load([a_row0, k0])
+        elif EVEN_K:  # padding rows compute on whatever they hold; they are never stored
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(ks + k0 < KD)[None, :], other=0.0)
+        if TMA_B:
+            b = b_desc.load([b_row0, k0]).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(ks + k0 < KD)[:, None], other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        if not TMA_A:
+            a_ptrs += BK
+        if not TMA_B:
+            b_ptrs += BK * stride_bk
+    if SCALE_W:
+        acc = acc * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    ok = row_ok[:, None] & (cols[None, :] < NC)
+    c_row = pair if OUT_PAIR else rows
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + cols[None, :]
+    if SWIGLU_BWD:  # acc = d(act); act = silu(g) * u  ->  dg, du
+        h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+        g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + NC, mask=ok, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        dg = tl.where(row_ok[:, None], acc * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
+        du = tl.where(row_ok[:, None], acc * g * sg, 0.0)
+        ok_all = (rows[:, None] >= 0) & (cols[None, :] < NC)  # padding rows get zeros (see wgrad)
+        tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok_all)
+        tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok_all)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def grouped_mm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, w_ptr, h_ptr,
-                      num_blocks, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                      num_blocks, a_rows, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
                       stride_h,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr,
-                      SWIGLU_BWD: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr):
-    # a_ptr [rows, KD] (k contiguous): row = token (A_GATHER) or sorted row.
+                      SWIGLU_BWD: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
+    # a_ptr [a_rows, KD] (k contiguous): row = token (A_GATHER) or sorted row.
     # b_ptr expert e's [KD, NC] view: b_ptr + e*stride_be + k*stride_bk + n*stride_bn.
     # c_ptr [rows, NC] (+NC more columns when SWIGLU_BWD): row = pair (OUT_PAIR) or sorted row.
     # w_ptr [N] fp top-k weights by pair (SCALE_W); h_ptr [P, 2F] saved pre-activations (SWIGLU_BWD).
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(NC, BN), GROUP_M)
-    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                   counts_ptr, E, TOPK, BM)
-    if live:
-        cols = pid_n * BN + tl.arange(0, BN)
-        cols_ld = (cols % NC).to(tl.int64)
-        ks = tl.arange(0, BK)
-        a_row = tok if A_GATHER else rows
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
-        b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols_ld[None, :] * stride_bn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, KD, BK):
-            if EVEN_K:  # padding rows compute on whatever they hold; they are never stored
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = ks + k0 < KD
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if DOT_F32:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BK
-            b_ptrs += BK * stride_bk
-        if SCALE_W:
-            acc = acc * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        ok = row_ok[:, None] & (cols[None, :] < NC)
-        c_row = pair if OUT_PAIR else rows
-        c_ptrs = c_ptr + c_row[:, None] * stride_cm + cols[None, :]
-        if SWIGLU_BWD:  # acc = d(act); act = silu(g) * u  ->  dg, du
-            h_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
-            g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(h_ptrs + NC, mask=ok, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            dg = tl.where(row_ok[:, None], acc * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
-            du = tl.where(row_ok[:, None], acc * g * sg, 0.0)
-            ok_all = (rows[:, None] >= 0) & (cols[None, :] < NC)  # padding rows get zeros (see wgrad)
-            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=ok_all)
-            tl.store(c_ptrs + NC, du.to(c_ptr.dtype.element_ty), mask=ok_all)
-        else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def wgrad_kernel(l_ptr, r_ptr, dw_ptr, off_ptr, NI, NJ, stride_l, stride_r, stride_we, stride_wi, stride_wj,
-                 BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr, DOT_F32: tl.constexpr):
-    # dw_ptr [E, NI, NJ]: dW[e] = sum over e's padded sorted rows of L[row, :NI]^T R[row, :NJ].
-    # l_ptr [P, NI], r_ptr [P, NJ] in sorted order with zeros in padding rows (so no row masks);
-    # BR divides the row block, so [off[e], off[e+1]) is a whole number of BR-row steps.
-    pid = tl.program_id(0)
-    n_i = tl.cdiv(NI, BI)
-    n_j = tl.cdiv(NJ, BJ)
-    e = (pid // (n_i * n_j)).to(tl.int64)
-    pid_i = (pid % (n_i * n_j)) // n_j
-    pid_j = pid % n_j
-    i = pid_i * BI + tl.arange(0, BI)
-    j = pid_j * BJ + tl.arange(0, BJ)
-    i_ld = (i % NI).to(tl.int64)
-    j_ld = (j % NJ).to(tl.int64)
-    start = tl.load(off_ptr + e)
-    end = tl.load(off_ptr + e + 1)
-    rr_ = tl.arange(0, BR).to(tl.int64)
-    l_ptrs = l_ptr + (start + rr_)[None, :] * stride_l + i_ld[:, None]
-    r_ptrs = r_ptr + (start + rr_)[:, None] * stride_r + j_ld[None, :]
-    acc = tl.zeros((BI, BJ), dtype=tl.float32)
-    for _ in range(start, end, BR):
-        lt = tl.load(l_ptrs)
-        rr = tl.load(r_ptrs)
-        if DOT_F32:
-            lt, rr = lt.to(tl.float32), rr.to(tl.float32)
-        acc = tl.dot(lt, rr, acc)
-        l_ptrs += BR * stride_l
-        r_ptrs += BR * stride_r
-    ptrs = dw_ptr + e * stride_we + i[:, None].to(tl.int64) * stride_wi + j[None, :] * stride_wj
-    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(i[:, None] < NI) & (j[None, :] < NJ))
-
-
-@triton.jit
-def gather_rows_kernel(src_ptr, dst_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, w_ptr,
-                       E, NC, TOPK, stride_src, stride_dst,
-                       BM: tl.constexpr, BC: tl.constexpr, SCALE_W: tl.constexpr):
-    # dst_ptr [P, NC] sorted rows: src[token of the row's pair] (* w[pair] if SCALE_W); padding rows 0.
-    pid_m = tl.program_id(0)
-    live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                   counts_ptr, E, TOPK, BM)
-    if live:
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        c_ok = cols < NC
-        v = tl.load(src_ptr + tok[:, None] * stride_src + cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0)
-        if SCALE_W:
-            v = (v.to(tl.float32) * tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None])
-        tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], v.to(dst_ptr.dtype.element_ty),
-                 mask=c_ok[None, :])
-
-
-@triton.jit
-def combine_kernel(o_ptr, ids_ptr, w_ptr, y_ptr, D, E, TOPK, stride_o, stride_y,
-                   USE_W: tl.constexpr, BD: tl.constexpr):
-    # o_ptr [N, D] per-pair outputs (rows of dropped pairs are never read); y_ptr [T, D].
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    c_ok = cols < D
-    acc = tl.zeros((BD,), dtype=tl.float32)
-    for k in range(0, TOPK):
-        n = t * TOPK + k
-        e = tl.load(ids_ptr + n) + tl.zeros((BD,), dtype=tl.int32)  # broadcast: a vector mask
-        valid = (e >= 0) & (e < E)
-        o = tl.load(o_ptr + n * stride_o + cols, mask=c_ok & valid, other=0.0).to(tl.float32)
-        if USE_W:
-            o = o * tl.load(w_ptr + n).to(tl.float32)
-        acc += o
-    tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=c_ok)
+    # TMA_A: sorted A only. TMA_B: needs stride_bk == 1 and stride_be == NC * stride_bn (the caller checks):
+    # one descriptor over the weights as [E*NC, KD].
+    if TMA_A:
+        a_src = tl.make_tensor_descriptor(a_ptr, shape=[a_rows, KD], strides=[stride_am, 1], block_shape=[BM, BK])
+    else:
+        a_src = a_ptr
+    if TMA_B:
+        b_src = tl.make_tensor_descriptor(b_ptr, shape=[E * NC, KD], strides=[stride_bn, 1], block_shape=[BN, BK])
+    else:
+        b_src = b_ptr
+    num_n = tl.cdiv(NC, BN)
+    if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
+        num_m = tl.load(off_ptr + E) // BM
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                           counts_ptr, E, TOPK, BM)
+            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
+                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
+                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
+        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
+                                                       counts_ptr, E, TOPK, BM)
+        if live:
+            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
+                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
+                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)

@@ -19,6 +19,9 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: int = 0  # operand tiles through tensor descriptors (Hopper TMA) where the layout allows; 2 (w13):
+    #               also x, gathered into sorted rows by an extra pass
+    persistent: int = 0  # 1: ~one program per multiprocessor looping over the live tiles; 2: loops flattened
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class MoEConfig:
                         ("gemm2.bn", self.gemm2.bn), ("gemm2.bk", self.gemm2.bk)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"MoEConfig.{name} must be a power of two, got {v}")
+        for name, g in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
+            if int(g.persistent) not in (0, 1, 2) or int(g.tma) not in (0, 1, 2):
+                raise ValueError(f"MoEConfig.{name}.tma and .persistent must be 0, 1 or 2, got {g.tma!r}, "
+                                 f"{g.persistent!r}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
 
@@ -74,17 +81,31 @@ def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
     return MoEConfig("grouped", bm, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
 
 
-def gemm_candidates(bm: int, which: str) -> list[GemmConfig]:
-    """Configs the autotuner tries for one grouped GEMM at row block bm (which: "gemm1" or "gemm2")."""
+def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = False) -> list[GemmConfig]:
+    """Configs the autotuner tries for one grouped GEMM at row block bm (which: "gemm1" or "gemm2").
+    tma / persistent add the tensor-descriptor and persistent-grid variants (bm >= 64 only: large T)."""
     if bm <= 32:
         c = [GemmConfig(64, 128, 4, 4, 4), GemmConfig(128, 64, 4, 4, 4), GemmConfig(128, 128, 4, 8, 3),
              GemmConfig(32, 256, 4, 4, 3)]
         return c if which == "gemm1" else c + [GemmConfig(64, 256, 4, 4, 3)]
     if which == "gemm1":  # two accumulators (gate, up): half the columns of gemm2 for the same registers
-        return [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
-                GemmConfig(64, 128, 8, 8, 3)]
-    return [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
-            GemmConfig(128, 128, 8, 8, 3)]
+        c = [GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4),
+             GemmConfig(64, 128, 8, 8, 3)]
+        t = [GemmConfig(128, 64, 8, 8, 3, 1), GemmConfig(128, 64, 8, 8, 4, 1), GemmConfig(128, 64, 16, 8, 4, 1),
+             GemmConfig(64, 128, 8, 8, 3, 1), GemmConfig(128, 64, 8, 8, 3, 2), GemmConfig(128, 64, 8, 8, 4, 2)]
+        p = [GemmConfig(128, 64, 8, 8, 4, 0, 1)]
+        tp = [GemmConfig(128, 64, 8, 8, 4, 1, 1), GemmConfig(128, 64, 8, 8, 3, 1, 2), GemmConfig(128, 64, 8, 8, 3, 2, 2)]
+    else:
+        c = [GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3),
+             GemmConfig(128, 128, 8, 8, 3)]
+        t = [GemmConfig(256, 64, 8, 8, 3, 1), GemmConfig(256, 64, 8, 8, 4, 1), GemmConfig(128, 64, 8, 8, 4, 1),
+             GemmConfig(128, 128, 8, 8, 3, 1), GemmConfig(256, 64, 16, 8, 3, 1)]
+        p = [GemmConfig(256, 64, 8, 8, 3, 0, 1)]
+        tp = [GemmConfig(256, 64, 8, 8, 3, 1, 1), GemmConfig(256, 64, 8, 8, 3, 1, 2)]
+    if bm == 64:  # one warpgroup per 64-row tile (m64 wgmma): fewer padding rows per expert than bm 128
+        w4 = GemmConfig(128, 64, 8, 4, 4) if which == "gemm1" else GemmConfig(256, 64, 8, 4, 3)
+        c, t = c + [w4], t + [GemmConfig(w4.bn, w4.bk, w4.group_m, 4, w4.num_stages, 1)]
+    return c + (t if tma else []) + (p if persistent else []) + (tp if tma and persistent else [])
 
 
 def decode_candidates(which: str) -> list[GemmConfig]:

@@ -20,12 +20,14 @@ Backward (always grouped; training batches are large):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
 from moesaic.kernels.triton import decode as dk
+from moesaic.kernels.triton import grouped_aux as ga
 from moesaic.kernels.triton import grouped_gemm as gk
 from moesaic.kernels.triton.align import Alignment, align
 from moesaic.kernels.triton.fastlaunch import launcher
@@ -40,8 +42,59 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return _interpreting() and dtype == torch.bfloat16
 
 
-def _grid_mm(al: Alignment, ncols: int, bn: int) -> tuple[int]:
-    return (al.max_blocks * triton.cdiv(ncols, bn),)
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 3  # the interpreter: a few programs, so the persistent loop strides
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+def _grid_mm(al: Alignment, ncols: int, g: GemmConfig) -> tuple[int]:
+    tiles = al.max_blocks * triton.cdiv(ncols, g.bn)
+    return (min(tiles, _num_sms(al.off_E1.device)),) if g.persistent else (tiles,)
+
+
+@functools.cache
+def tma_available() -> bool:
+    """Triton has in-kernel tensor descriptors (3.4+) and the device has TMA (Hopper or newer), or the
+    interpreter runs the kernels (tests)."""
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    return _interpreting() or (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """In-kernel descriptors live in a global scratch that Triton asks its allocator for at launch."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+    try:  # keep a user's allocator (Triton's default is a NullAllocator that raises)
+        from triton.runtime import _allocation
+        keep = type(_allocation._allocator.get()).__name__ != "NullAllocator"
+    except Exception:  # private API moved: set ours
+        keep = False
+    if not keep:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _ALLOCATOR_SET = True
+
+
+def _tma_ok(t: torch.Tensor, rows_contiguous: bool = True) -> bool:
+    """A 2-D [rows, cols] view of t can back a tensor descriptor: 16-byte aligned base and row stride,
+    unit last stride."""
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0
+          and (not rows_contiguous or t.is_contiguous()) and tma_available())
+    if ok and t.is_cuda:
+        _ensure_allocator()
+    return ok
 
 
 def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool):
@@ -51,11 +104,16 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
     p = al.sorted_ids_P.shape[0]
     act = torch.empty((p, f), dtype=x_TD.dtype, device=x_TD.device)
     h = torch.empty((p, gg), dtype=x_TD.dtype, device=x_TD.device) if save_h else act
-    launcher(gk.w13_swiglu_kernel)(_grid_mm(al, f, g.bn),
-        x_TD, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
-        al.max_blocks, e, d, f, topk, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
+    tma_b = g.tma > 0 and _tma_ok(w13_EGD)
+    # tma 2: gather x into sorted rows first (one pass), so the GEMM loads A through a descriptor too
+    tma_a = g.tma == 2 and _tma_ok(x_TD, rows_contiguous=False)
+    a = _gather_sorted(x_TD, al, topk) if tma_a else x_TD
+    launcher(gk.w13_swiglu_kernel)(_grid_mm(al, f, g),
+        a, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
+        al.max_blocks, a.shape[0], e, d, f, topk, a.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
-        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, num_warps=g.num_warps, num_stages=g.num_stages)
+        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
+        num_warps=g.num_warps, num_stages=g.num_stages)
     return act, (h if save_h else None)
 
 
@@ -65,12 +123,16 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
     se, sk, sn = b_strides
     w = w_N if w_N is not None else out
     h = h_PG if h_PG is not None else out
-    launcher(gk.grouped_mm_kernel)(_grid_mm(al, ncols, g.bn),
+    # TMA for B only when each expert's weight is a K-contiguous [ncols, kd] block of a contiguous tensor
+    tma_b = g.tma > 0 and sk == 1 and se == ncols * sn and _tma_ok(b_ptr_tensor)
+    tma_a = g.tma > 0 and not a_gather and _tma_ok(a, rows_contiguous=False)
+    launcher(gk.grouped_mm_kernel)(_grid_mm(al, ncols, g),
         a, b_ptr_tensor, out, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w, h,
-        al.max_blocks, b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
+        al.max_blocks, a.shape[0], b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
         OUT_PAIR=out_pair, SCALE_W=w_N is not None, SWIGLU_BWD=h_PG is not None,
-        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, num_warps=g.num_warps, num_stages=g.num_stages)
+        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
+        num_warps=g.num_warps, num_stages=g.num_stages)
 
 
 def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype, num_experts: int) -> torch.Tensor:
@@ -78,7 +140,7 @@ def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype, num_experts:
     if t == 0:
         return y
     bd = min(1024, triton.next_power_of_2(d))
-    launcher(gk.combine_kernel)((t, triton.cdiv(d, bd)),
+    launcher(ga.combine_kernel)((t, triton.cdiv(d, bd)),
         o_ND, ids_N, w_N if w_N is not None else o_ND, y, d, num_experts, topk, o_ND.stride(0), y.stride(0),
         USE_W=w_N is not None, BD=bd, num_warps=4)
     return y
@@ -130,7 +192,7 @@ def _bwd_gemm(bm: int) -> GemmConfig:
 def _run_wgrad(lhs, rhs, dw, al: Alignment):
     e, ni, nj = dw.shape
     bi, bj, br = 128, 128, min(64, al.block_m)
-    launcher(gk.wgrad_kernel)((e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),),
+    launcher(ga.wgrad_kernel)((e * triton.cdiv(ni, bi) * triton.cdiv(nj, bj),),
         lhs, rhs, dw, al.off_E1, ni, nj, lhs.stride(0), rhs.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
         BI=bi, BJ=bj, BR=br, DOT_F32=_dot_f32(lhs.dtype), num_warps=8, num_stages=3)
 
@@ -140,7 +202,7 @@ def _gather_sorted(src_TC, al: Alignment, topk: int, w_N=None):
     c = src_TC.shape[1]
     dst = torch.empty((al.sorted_ids_P.shape[0], c), dtype=src_TC.dtype, device=src_TC.device)
     bc = min(256, triton.next_power_of_2(c))
-    launcher(gk.gather_rows_kernel)((al.max_blocks, triton.cdiv(c, bc)),
+    launcher(ga.gather_rows_kernel)((al.max_blocks, triton.cdiv(c, bc)),
         src_TC, dst, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, w_N if w_N is not None else src_TC,
         al.counts_E.shape[0], c, topk, src_TC.stride(0), dst.stride(0), BM=al.block_m, BC=bc,
         SCALE_W=w_N is not None, num_warps=4)
