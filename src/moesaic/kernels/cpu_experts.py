@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moesaic.kernels import cpu_q8
 from moesaic.kernels.cpu_experts_src import SOURCE
 from moesaic.kernels.cpu_gemv import build
 
@@ -136,6 +137,9 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
     d = x_ND.shape[1]
     g_all = w13.shape[1]
     f = g_all // 2
+    block = getattr(w13, "act_block", None)
+    if block is not None and cpu_q8.available():  # W8A8 (int8 activations too)
+        return cpu_q8.run_experts(x_ND, groups, n, w13, w2, threads, same_row, block)
     y = torch.empty((n, d), dtype=torch.float32)
     if not groups:
         return y
