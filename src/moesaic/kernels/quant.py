@@ -163,6 +163,7 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     return out_TD.to(hidden_TD.dtype)
 
 
+ONE_TOKEN_SPLIT = False  # W8A8 one-token experts over 2 threads when torch has 2 (off: no gain measured on the shared VM)
 ONE_TOKEN_GROUPED = True  # one-token steps through cpu_experts.one_token (False: the per-expert loop; for A/B runs)
 
 
@@ -177,7 +178,10 @@ def _one_token(hidden_1D: torch.Tensor, w13_EGD, w2_EDF, expert_ids_1K: torch.Te
             and not (torch.is_grad_enabled() and weights_1K.requires_grad)):
         # one C call for the K experts: batch-1 steps 1.04-1.11x (fp32 / bf16), ~1.1x (int8) against the loop of
         # per-expert cpu_gemv calls, same-process A/B at 1 thread; splitting the experts over 2 threads: 0.98-1.01x
-        return cpu_experts.one_token(hidden_1D, expert_ids_1K[0].tolist(), weights_1K[0].tolist(), w13_EGD, w2_EDF)
+        threads = min(2, torch.get_num_threads()) if ONE_TOKEN_SPLIT and w8a8_ok(hidden_1D, getattr(
+            w13_EGD, "act_block", None)) else 1
+        return cpu_experts.one_token(hidden_1D, expert_ids_1K[0].tolist(), weights_1K[0].tolist(), w13_EGD, w2_EDF,
+                                     threads)
     lin = lin or _expert_matmul(hidden_1D, w13_EGD, w2_EDF)
     acc = torch.promote_types(hidden_1D.dtype, torch.float32)
     out_1D = torch.zeros(hidden_1D.shape, dtype=acc, device=hidden_1D.device)
