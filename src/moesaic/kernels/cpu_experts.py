@@ -13,7 +13,7 @@ weight row by weight row as in `cpu_gemv`. SwiGLU runs in C between the two matm
 layer is one ctypes call (the GIL is released), so two threads can split the groups (`threads=2`).
 Weights: fp32, bf16 (`vdpbf16ps`, fp32 accumulation; the SwiGLU output is rounded to bf16 for the down
 projection, as the bf16 reference does), or int8 with per-row fp32 scales (x in fp32, int8 -> fp32 once per
-weight vector for all of an expert's rows). Built by `cpu_gemv.build` (cc -O3 -march=native, AVX-512 BW +
+weight vector for all of an expert's rows; W8A8 weights, `act_block` set, go to `cpu_q8.run_experts`). Built by `cpu_gemv.build` (cc -O3 -march=native, AVX-512 BW +
 BF16); `available()` is False where it cannot be and callers keep the per-expert path.
 """
 

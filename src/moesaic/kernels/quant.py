@@ -1,9 +1,12 @@
-"""Weight formats for CPU inference: int8 weight-only (per-output-channel scales), and oneDNN float matmuls.
+"""Weight formats for CPU inference: int8 (per-output-channel scales; W8A8 or weight-only), oneDNN float matmuls.
 
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K rows,
 M rows of a linear, I its input features, O its output features.
 
     w[..., o, i] ~= q[..., o, i] * scale[..., o],   q int8 in [-127, 127],  scale = max|w[..., o, :]| / 127
+
+An `Int8Weight` / `Int8Linear` with `act_block` set runs W8A8 where the CPU has VNNI (`cpu_q8`: the activations
+are quantized on the fly per block of act_block inputs, int8 x int8 dot products); without it, weight-only.
 
 `Int8Weight` stands in for a stacked expert tensor w13_EGD / w2_EDF in `moe_experts`: it has the
 same `.shape`, and `w[e]` dequantizes one expert only, so the `reference` and `sorted` backends
@@ -64,8 +67,10 @@ def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
     """y = x @ (q * scale[:, None]).T, returned in x's dtype. act_block: quantize x too, per block of that many
     inputs (W8A8, `cpu_q8`) where the CPU can; None: weight-only (x stays float)."""
     if w8a8_ok(x_MI, act_block) and q_OI.stride(-1) == 1:
-        # 2 threads only when torch has them and the weight is big enough to pay for the hand-off (~10 us)
-        threads = 2 if torch.get_num_threads() > 1 and q_OI.numel() >= 1 << 20 else 1
+        # 2 threads only for several rows (compute-bound) of a big enough weight, when torch has 2: one row streams
+        # the weight at memory speed on one core, and the hand-off to the helper (~30 us) cost more than it saved
+        # (batch-1 steps 0.6-0.9x at 2 threads with another job on the second core)
+        threads = 2 if x_MI.shape[0] > 1 and q_OI.numel() >= 1 << 20 and torch.get_num_threads() > 1 else 1
         return cpu_q8.linear(x_MI, q_OI, scale_O, act_block, threads)
     if (x_MI.shape[0] == 1 and x_MI.device.type == "cpu" and q_OI.stride(-1) == 1
             and not torch.is_grad_enabled() and cpu_gemv.available()):
@@ -129,7 +134,8 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     """`moe_experts` for inference on CPU: sort by expert, one matmul pair per non-empty expert, scatter-add.
 
     Int8Weight experts use int8 matmuls (`int8` backend); float experts use `cpu_linear` (`onednn`
-    backend). Nothing is quantized on the fly: quantize the model once (inference.quantize).
+    backend). Weights are never quantized on the fly: quantize the model once (inference.quantize); W8A8 weights
+    (act_block set) quantize the activations on the fly (`cpu_q8`).
     The matmul is chosen once per call (not per expert): this runs a few hundred times per decode step.
     """
     lin = _expert_matmul(hidden_TD, w13_EGD, w2_EDF)
