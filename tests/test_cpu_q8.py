@@ -191,3 +191,14 @@ def test_w8a8_logits_stay_close_to_fp32():
     qmodel = quantize_model(build_model(cfg).eval(), "int8", linears=True)
     qmodel.load_state_dict(quantize_model(model, "int8", linears=True).state_dict())
     assert _rel(qmodel(ids), ref) < 0.05
+
+
+def test_scratch_too_big_to_keep_gives_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    w13, w2, _, _ = _weights(3, 24, 70)
+    x = torch.randn(9, 70)
+    q, s = quantize_int8(torch.randn(30, 70))
+    want_e, want_l = cpu_experts.experts(x, [4, 0, 5], w13, w2, threads=2), cpu_q8.linear(x, q, s, threads=2)
+    monkeypatch.setattr(cpu_q8, "_KEEP", 0)  # every call gets a fresh scratch buffer, held while C runs
+    assert torch.equal(cpu_experts.experts(x, [4, 0, 5], w13, w2, threads=2), want_e)
+    assert torch.equal(cpu_q8.linear(x, q, s, threads=2), want_l)

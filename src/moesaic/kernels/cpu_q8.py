@@ -102,15 +102,21 @@ _local = threading.local()
 
 def _scratch(rows: int, k: int) -> tuple[torch.Tensor, int, int]:
     """(buffer, ldq, lds) for `rows` quantized rows of up to k inputs: q int8 [rows, ldq] then sv fp32 and nc int32
-    [rows, lds] each; one buffer per thread, grown when needed (the calls of one step reuse it)."""
+    [rows, lds] each; one buffer per thread, grown when needed (the calls of one step reuse it), up to _KEEP bytes
+    (a long prefill's scratch is not kept)."""
     ldq = (k + 63) // 64 * 64 + 64  # + 64: rows 4 KiB apart alias in L1
     lds = ldq // 4
     need = rows * (ldq + 8 * lds)
+    if need > _KEEP:
+        return torch.empty(need, dtype=torch.uint8), ldq, lds
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < need:
         buf = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
         _local.buf = buf
     return buf, ldq, lds
+
+
+_KEEP = 8 << 20
 
 
 def _pointers(buf: torch.Tensor, rows: int, ldq: int, lds: int) -> tuple[int, int, int]:
@@ -210,19 +216,18 @@ def run_experts(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, 
     sc13, sc2 = cpu_experts._fp32_scales(w13.scale), cpu_experts._fp32_scales(w2.scale)
     fn = _library().moesaic_experts_q8
 
-    def args(g0: int, g1: int, bufs):
-        buf, ldq, lds = bufs
+    def run(g0: int, g1: int) -> None:
+        buf, ldq, lds = _scratch(n, max(d, f))  # this thread's scratch, alive until the call returns
         pq, ps, pc = _pointers(buf, n, ldq, lds)
-        return (x.data_ptr(), int(x.dtype == torch.bfloat16), 0 if same_row else x.stride(0), ctypes.addressof(gt),
-                g0, g1, q13.data_ptr(), q13.stride(0), q13.stride(1), sc13.data_ptr(), q2.data_ptr(), q2.stride(0),
-                q2.stride(1), sc2.data_ptr(), h.data_ptr(), h.stride(0), pq, ldq, ps, pc, lds, y.data_ptr(), d, f,
-                block)
+        fn(x.data_ptr(), int(x.dtype == torch.bfloat16), 0 if same_row else x.stride(0), ctypes.addressof(gt), g0, g1,
+           q13.data_ptr(), q13.stride(0), q13.stride(1), sc13.data_ptr(), q2.data_ptr(), q2.stride(0), q2.stride(1),
+           sc2.data_ptr(), h.data_ptr(), h.stride(0), pq, ldq, ps, pc, lds, y.data_ptr(), d, f, block)
 
     cut = cpu_experts._split([c for _, _, c in groups]) if threads > 1 and len(groups) > 1 else len(groups)
     if 0 < cut < len(groups):
-        job = cpu_experts._pool().submit(lambda: fn(*args(cut, len(groups), _scratch(n, max(d, f)))))
-        fn(*args(0, cut, _scratch(n, max(d, f))))
+        job = cpu_experts._pool().submit(run, cut, len(groups))
+        run(0, cut)
         job.result()
     else:
-        fn(*args(0, len(groups), _scratch(n, max(d, f))))
+        run(0, len(groups))
     return y
