@@ -279,14 +279,21 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float, flops: float
                                                   backend=args.backend),
                 weight_bytes(mb, uniq[b], 2))
         del mb
-    for prec, (scheme, linears, dtype) in INT8.items():
-        if prec not in args.precisions:
-            continue
-        mq = copy.deepcopy(model).to(dtype)
-        for b in args.batches:
-            res = run_moesaic(mq, b, args.prompt_len, args.new_tokens, quantize=scheme, quantize_linears=linears)
-            add("moesaic", prec, b, res, stored_bytes(mq, uniq[b]))
-        del mq
+    # the int8 variants interleaved --repeats times (each its median step time): a same-process A/B on this VM
+    int8 = {p: copy.deepcopy(model).to(v[2]) for p, v in INT8.items() if p in args.precisions}
+    for b in args.batches:
+        runs: dict[str, list[dict]] = {p: [] for p in int8}
+        for _ in range(args.repeats):
+            for prec, mq in int8.items():
+                scheme, linears, _ = INT8[prec]
+                runs[prec].append(run_moesaic(mq, b, args.prompt_len, args.new_tokens, quantize=scheme,
+                                              quantize_linears=linears))
+        for prec, rs in runs.items():
+            res = sorted(rs, key=lambda r: r["step_s"])[len(rs) // 2]
+            if len(rs) > 1:
+                print(f"   {prec} B={b} tok/s of each repeat: " + " ".join(f"{r['tokens_per_s']:.1f}" for r in rs))
+            add("moesaic", prec, b, res, stored_bytes(int8[prec], uniq[b]))
+    del int8
     del model
     if not args.skip_dense:
         dcfg = cfg.dense_twin("total")
@@ -354,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default: all cores; 1 is far steadier when other jobs share the cores)")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
                     help="no oneDNN-blocked weight copies (the engine's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the int8 variants this many times, interleaved, and report each one's median run")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")
