@@ -59,6 +59,12 @@ from moesaic import ModelConfig, build_model  # noqa: E402
 from moesaic.inference import Engine, SamplingParams  # noqa: E402
 from moesaic.inference.quantize import unpack_weights  # noqa: E402
 
+# int8 rows: (quantize scheme, quantize_linears, dtype of the rest). "int8" is llama.cpp's q8_0 setting: every
+# linear but the routers int8 with int8 activations (W8A8), norms / embedding / KV cache fp32; "int8-wo" the
+# weight-only int8 experts with the rest in bf16 (the "int8" row of session 3's tables); "int8-wo-all" weight-only
+# with the layout of "int8" (the same-process A/B of the activation quantization alone).
+INT8 = {"int8": ("int8", True, torch.float32), "int8-wo": ("int8-weight-only", False, torch.bfloat16),
+        "int8-wo-all": ("int8-weight-only", True, torch.float32)}
 SHAPES = {  # the issue's anchors: 4 layers, D=1024, vocab 8000
     "coarse-8x2": dict(vocab_size=8000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, max_seq_len=256,
                        num_experts=8, top_k=2, expert_ffn=2816, ffn=2816),
@@ -135,6 +141,22 @@ def weight_bytes(model, unique_experts_per_step: float, dtype_bytes: float, expe
         per_expert = layers[0].experts.params_per_expert
     eb = dtype_bytes if expert_bytes is None else expert_bytes
     return total + unique_experts_per_step * per_expert * eb
+
+
+def stored_bytes(model, unique_experts_per_step: float) -> float:
+    """`weight_bytes` from the tensors as stored (int8 weights + their scales, float elsewhere)."""
+    total, per_expert = 0.0, 0.0
+    layers = model.moe_layers()
+    scales = [(n, b) for n, b in model.named_buffers() if n.split(".")[-1] in ("scale", "s13", "s2")]
+    for name, t in [*model.named_parameters(), *scales]:
+        if name.startswith("embed."):
+            continue
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name and ".shared" not in name:
+            per_expert += nbytes / layers[0].experts.num_experts / len(layers)
+        else:
+            total += nbytes
+    return total + unique_experts_per_step * per_expert
 
 
 def run_moesaic(model, batch: int, prompt_len: int, new_tokens: int, pack: bool = True, **engine_kw) -> dict:
@@ -229,7 +251,7 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float, flops: float
                    step_ms=res["step_s"] * 1e3, floor_ms=floor * 1e3, efficiency=floor / res["step_s"],
                    compute_floor_ms=compute * 1e3, unique_experts_per_step=res.get("unique_experts_per_step"))
         rows.append(row)
-        print(f"{name:11s} {system:8s} {precision:5s} B={batch:<3d} {row['tokens_per_s']:8.1f} tok/s  "
+        print(f"{name:11s} {system:8s} {precision:11s} B={batch:<3d} {row['tokens_per_s']:8.1f} tok/s  "
               f"step {row['step_ms']:7.2f} ms  floor {row['floor_ms']:6.2f} ms  eff {row['efficiency']:.2f}  "
               f"(fp32 FLOP floor {row['compute_floor_ms']:6.2f} ms)", flush=True)
 
@@ -257,12 +279,21 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float, flops: float
                                                   backend=args.backend),
                 weight_bytes(mb, uniq[b], 2))
         del mb
-    if "int8" in args.precisions:
-        mq = copy.deepcopy(model).to(torch.bfloat16)
-        for b in args.batches:  # int8 experts (+ scales), the rest in bf16
-            add("moesaic", "int8", b, run_moesaic(mq, b, args.prompt_len, args.new_tokens, quantize="int8"),
-                weight_bytes(mq, uniq[b], 2, expert_bytes=1.0 + 2.0 / cfg.d_model))
-        del mq
+    # the int8 variants interleaved --repeats times (each its median step time): a same-process A/B on this VM
+    int8 = {p: copy.deepcopy(model).to(v[2]) for p, v in INT8.items() if p in args.precisions}
+    for b in args.batches:
+        runs: dict[str, list[dict]] = {p: [] for p in int8}
+        for _ in range(args.repeats):
+            for prec, mq in int8.items():
+                scheme, linears, _ = INT8[prec]
+                runs[prec].append(run_moesaic(mq, b, args.prompt_len, args.new_tokens, quantize=scheme,
+                                              quantize_linears=linears))
+        for prec, rs in runs.items():
+            res = sorted(rs, key=lambda r: r["step_s"])[len(rs) // 2]
+            if len(rs) > 1:
+                print(f"   {prec} B={b} tok/s of each repeat: " + " ".join(f"{r['tokens_per_s']:.1f}" for r in rs))
+            add("moesaic", prec, b, res, stored_bytes(int8[prec], uniq[b]))
+    del int8
     del model
     if not args.skip_dense:
         dcfg = cfg.dense_twin("total")
@@ -321,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"of {list(SHAPES)}")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"],
+                    help=f"of fp32 bf16 {' '.join(INT8)}")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--backend", default=None, help="MoE kernels backend for moesaic (default: engine's choice)")
@@ -329,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default: all cores; 1 is far steadier when other jobs share the cores)")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
                     help="no oneDNN-blocked weight copies (the engine's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the int8 variants this many times, interleaved, and report each one's median run")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")

@@ -31,8 +31,8 @@ def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears:
 
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"--quantize must be int8 (or left out), got {quantize!r}")
+    if quantize not in (None, "int8", "int8-weight-only"):
+        raise ValueError(f"--quantize must be int8 or int8-weight-only (or left out), got {quantize!r}")
     name = _DTYPES[dtype]
     if name is None:  # bf16 where the CPU has native bf16 dot products, else fp32
         name = "bfloat16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "float32"
@@ -40,6 +40,10 @@ def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears:
     tok = Tokenizer.from_folder(model_dir)
     return Engine(model, tok, max_batch=max_batch, max_len=max_len, backend=backend, quantize=quantize,
                   quantize_linears=quantize_linears, pack_weights=pack_weights)
+
+
+_QUANT_HELP = ("int8: int8 expert weights x int8 activations (W8A8, as llama.cpp's q8_0); int8-weight-only: "
+               "int8 weights, float activations")
 
 
 def _cpu_has_bf16() -> bool:
@@ -68,7 +72,7 @@ def generate(model: Path = typer.Argument(..., help="model folder (moesaic run f
              stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable)"),
              stream: bool = typer.Option(False, help="print text as it is generated"),
              experts_per_token: int | None = typer.Option(None, help="routed experts per token (default: trained)"),
-             quantize: str | None = typer.Option(None, help="int8: int8 weight-only expert weights"),
+             quantize: str | None = typer.Option(None, help=_QUANT_HELP),
              quantize_linears: bool = typer.Option(False, help="with --quantize, also attention/dense/LM head"),
              dtype: str = typer.Option("auto", help="auto (bf16 where the CPU has it), float32, bfloat16"),
              backend: str | None = typer.Option(None, help="MoE kernels backend (default: auto)"),
@@ -113,7 +117,7 @@ def chat(model: Path = typer.Argument(..., help="model folder (moesaic run folde
          top_p: float = typer.Option(0.95), seed: int | None = typer.Option(None),
          system: str | None = typer.Option(None, help="system message"),
          experts_per_token: int | None = typer.Option(None),
-         quantize: str | None = typer.Option(None, help="int8: int8 weight-only expert weights"),
+         quantize: str | None = typer.Option(None, help=_QUANT_HELP),
          dtype: str = typer.Option("auto", help="auto, float32, bfloat16"),
          pack_weights: bool | None = typer.Option(None, "--pack-weights/--no-pack-weights", help=PACK_HELP)) -> None:
     """Interactive chat (uses the chat template when the model has one). An empty line or EOF quits."""

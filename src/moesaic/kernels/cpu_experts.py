@@ -13,7 +13,7 @@ weight row by weight row as in `cpu_gemv`. SwiGLU runs in C between the two matm
 layer is one ctypes call (the GIL is released), so two threads can split the groups (`threads=2`).
 Weights: fp32, bf16 (`vdpbf16ps`, fp32 accumulation; the SwiGLU output is rounded to bf16 for the down
 projection, as the bf16 reference does), or int8 with per-row fp32 scales (x in fp32, int8 -> fp32 once per
-weight vector for all of an expert's rows). Built by `cpu_gemv.build` (cc -O3 -march=native, AVX-512 BW +
+weight vector for all of an expert's rows; W8A8 weights, `act_block` set, go to `cpu_q8.run_experts`). Built by `cpu_gemv.build` (cc -O3 -march=native, AVX-512 BW +
 BF16); `available()` is False where it cannot be and callers keep the per-expert path.
 """
 
@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moesaic.kernels import cpu_q8
 from moesaic.kernels.cpu_experts_src import SOURCE
 from moesaic.kernels.cpu_gemv import build
 
@@ -136,6 +137,9 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
     d = x_ND.shape[1]
     g_all = w13.shape[1]
     f = g_all // 2
+    block = getattr(w13, "act_block", None)
+    if block is not None and cpu_q8.available():  # W8A8 (int8 activations too)
+        return cpu_q8.run_experts(x_ND, groups, n, w13, w2, threads, same_row, block)
     y = torch.empty((n, d), dtype=torch.float32)
     if not groups:
         return y

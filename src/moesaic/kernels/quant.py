@@ -1,9 +1,12 @@
-"""Weight formats for CPU inference: int8 weight-only (per-output-channel scales), and oneDNN float matmuls.
+"""Weight formats for CPU inference: int8 (per-output-channel scales; W8A8 or weight-only), oneDNN float matmuls.
 
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K rows,
 M rows of a linear, I its input features, O its output features.
 
     w[..., o, i] ~= q[..., o, i] * scale[..., o],   q int8 in [-127, 127],  scale = max|w[..., o, :]| / 127
+
+An `Int8Weight` / `Int8Linear` with `act_block` set runs W8A8 where the CPU has VNNI (`cpu_q8`: the activations
+are quantized on the fly per block of act_block inputs, int8 x int8 dot products); without it, weight-only.
 
 `Int8Weight` stands in for a stacked expert tensor w13_EGD / w2_EDF in `moe_experts`: it has the
 same `.shape`, and `w[e]` dequantizes one expert only, so the `reference` and `sorted` backends
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moesaic.kernels import cpu_experts, cpu_gemv
+from moesaic.kernels import cpu_experts, cpu_gemv, cpu_q8
 from moesaic.kernels.onednn import (
     _ONEDNN_MIN_WEIGHT,
     cpu_linear,
@@ -52,8 +55,23 @@ def _fast_int8_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
             and q.shape[-1] % 16 == 0 and q.is_contiguous())
 
 
-def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
-    """y = x @ (q * scale[:, None]).T, returned in x's dtype."""
+def w8a8_ok(x: torch.Tensor, act_block: int | None) -> bool:
+    """Whether a matmul with int8 weights runs W8A8 (`cpu_q8`): the layer asks for int8 activations, the CPU has
+    VNNI, x is on the CPU and no gradient is wanted. Else the weight-only kernels run (float activations)."""
+    return (act_block is not None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and cpu_q8.available())
+
+
+def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
+                act_block: int | None = None) -> torch.Tensor:
+    """y = x @ (q * scale[:, None]).T, returned in x's dtype. act_block: quantize x too, per block of that many
+    inputs (W8A8, `cpu_q8`) where the CPU can; None: weight-only (x stays float)."""
+    if w8a8_ok(x_MI, act_block) and q_OI.stride(-1) == 1:
+        # 2 threads only for several rows (compute-bound) of a big enough weight, when torch has 2: one row streams
+        # the weight at memory speed on one core, and the hand-off to the helper (~30 us) cost more than it saved
+        # (batch-1 steps 0.6-0.9x at 2 threads with another job on the second core)
+        threads = 2 if x_MI.shape[0] > 1 and q_OI.numel() >= 1 << 20 and torch.get_num_threads() > 1 else 1
+        return cpu_q8.linear(x_MI, q_OI, scale_O, act_block, threads)
     if (x_MI.shape[0] == 1 and x_MI.device.type == "cpu" and q_OI.stride(-1) == 1
             and not torch.is_grad_enabled() and cpu_gemv.available()):
         return cpu_gemv.gemv_int8(x_MI, q_OI, scale_O)  # one row: the C kernel reads int8 rows ~1.3x faster
@@ -66,11 +84,13 @@ def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -
 class Int8Weight:
     """A stacked int8 weight q [E, O, I] with scales [E, O], shaped like the float tensor it replaces."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_block: int | None = None) -> None:
         if q.dtype != torch.int8 or scale.shape != q.shape[:-1]:
             raise ValueError(f"Int8Weight needs int8 q [..., O, I] and scale [..., O]; got {q.dtype} "
                              f"{tuple(q.shape)} and {tuple(scale.shape)}")
         self.q, self.scale = q, scale
+        # W8A8: the kernels quantize the activations per block of act_block inputs (None: weight-only)
+        self.act_block = None if act_block is None else cpu_q8.check_block(act_block)
 
     @property
     def shape(self) -> torch.Size:
@@ -114,7 +134,8 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     """`moe_experts` for inference on CPU: sort by expert, one matmul pair per non-empty expert, scatter-add.
 
     Int8Weight experts use int8 matmuls (`int8` backend); float experts use `cpu_linear` (`onednn`
-    backend). Nothing is quantized on the fly: quantize the model once (inference.quantize).
+    backend). Weights are never quantized on the fly: quantize the model once (inference.quantize); W8A8 weights
+    (act_block set) quantize the activations on the fly (`cpu_q8`).
     The matmul is chosen once per call (not per expert): this runs a few hundred times per decode step.
     """
     lin = _expert_matmul(hidden_TD, w13_EGD, w2_EDF)
@@ -129,7 +150,9 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     counts = counts_E.tolist()
     small = 0  # experts with at most this many rows go to one grouped C call (cpu_experts), the others one by one
     if cpu_experts.usable(x_ND, w13_EGD, w2_EDF):
-        small = cpu_experts.MAX_ROWS
+        # W8A8 takes every expert (its C kernel is 2.1-2.2x torch's int8 matmul at 8-256 rows), the others up to 16
+        w8a8 = w8a8_ok(x_ND, getattr(w13_EGD, "act_block", None))
+        small = x_ND.shape[0] if w8a8 else cpu_experts.MAX_ROWS
         y_ND = cpu_experts.experts(x_ND, counts, w13_EGD, w2_EDF, threads=min(2, torch.get_num_threads()),
                                    max_rows=small)
     else:
@@ -146,6 +169,7 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     return out_TD.to(hidden_TD.dtype)
 
 
+ONE_TOKEN_SPLIT = False  # W8A8 one-token experts over 2 threads when torch has 2 (off: no gain measured on the shared VM)
 ONE_TOKEN_GROUPED = True  # one-token steps through cpu_experts.one_token (False: the per-expert loop; for A/B runs)
 
 
@@ -160,7 +184,10 @@ def _one_token(hidden_1D: torch.Tensor, w13_EGD, w2_EDF, expert_ids_1K: torch.Te
             and not (torch.is_grad_enabled() and weights_1K.requires_grad)):
         # one C call for the K experts: batch-1 steps 1.04-1.11x (fp32 / bf16), ~1.1x (int8) against the loop of
         # per-expert cpu_gemv calls, same-process A/B at 1 thread; splitting the experts over 2 threads: 0.98-1.01x
-        return cpu_experts.one_token(hidden_1D, expert_ids_1K[0].tolist(), weights_1K[0].tolist(), w13_EGD, w2_EDF)
+        threads = min(2, torch.get_num_threads()) if ONE_TOKEN_SPLIT and w8a8_ok(hidden_1D, getattr(
+            w13_EGD, "act_block", None)) else 1
+        return cpu_experts.one_token(hidden_1D, expert_ids_1K[0].tolist(), weights_1K[0].tolist(), w13_EGD, w2_EDF,
+                                     threads)
     lin = lin or _expert_matmul(hidden_1D, w13_EGD, w2_EDF)
     acc = torch.promote_types(hidden_1D.dtype, torch.float32)
     out_1D = torch.zeros(hidden_1D.shape, dtype=acc, device=hidden_1D.device)
@@ -178,7 +205,7 @@ def _one_token(hidden_1D: torch.Tensor, w13_EGD, w2_EDF, expert_ids_1K: torch.Te
 
 def _expert_linear(x_MI: torch.Tensor, w: Int8Weight | torch.Tensor, e: int) -> torch.Tensor:
     if isinstance(w, Int8Weight):
-        return int8_linear(x_MI, w.q[e], w.scale[e])
+        return int8_linear(x_MI, w.q[e], w.scale[e], w.act_block)
     return cpu_linear(x_MI, w[e])
 
 
@@ -196,8 +223,9 @@ def _expert_matmul(hidden_TD: torch.Tensor, w13_EGD, w2_EDF):
 class Int8Experts(nn.Module):
     """Drop-in for model.experts.RoutedExperts holding int8 w13/w2 (+ scales); `.w13`/`.w2` give Int8Weight."""
 
-    def __init__(self, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor) -> None:
+    def __init__(self, w13_EGD: torch.Tensor, w2_EDF: torch.Tensor, act_block: int | None = None) -> None:
         super().__init__()
+        self.act_block = act_block  # W8A8 activation block (see Int8Weight), None: weight-only
         q13, s13 = quantize_int8(w13_EGD)
         q2, s2 = quantize_int8(w2_EDF)
         # int8 parameters (frozen) so parameter counts still see the experts; scales are buffers
@@ -208,11 +236,11 @@ class Int8Experts(nn.Module):
 
     @property
     def w13(self) -> Int8Weight:
-        return Int8Weight(self.q13, self.s13)
+        return Int8Weight(self.q13, self.s13, self.act_block)
 
     @property
     def w2(self) -> Int8Weight:
-        return Int8Weight(self.q2, self.s2)
+        return Int8Weight(self.q2, self.s2, self.act_block)
 
     @property
     def num_experts(self) -> int:
@@ -224,10 +252,12 @@ class Int8Experts(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for nn.Linear with an int8 weight [O, I] and per-output-channel scales [O]."""
+    """Drop-in for nn.Linear with an int8 weight [O, I] and per-output-channel scales [O]; act_block: W8A8 (see
+    `int8_linear`), None: weight-only."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, act_block: int | None = None) -> None:
         super().__init__()
+        self.act_block = act_block
         q, s = quantize_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(q, requires_grad=False)
@@ -235,7 +265,7 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
+        y = int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale, self.act_block)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
