@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moesaic.inference.cpu_norms import switch_class
 from moesaic.kernels import cpu_attention
 from moesaic.model.attention import Attention, rope_tables
 
@@ -55,9 +56,4 @@ def use_cpu_attention(model: nn.Module) -> int:
     (0 where the kernel cannot be built or the model is not on CPU)."""
     if model.embed.weight.device.type != "cpu" or not cpu_attention.available():
         return 0
-    n = 0
-    for mod in model.modules():
-        if type(mod) is Attention:
-            mod.__class__ = CpuDecodeAttention
-            n += 1
-    return n
+    return switch_class(model, Attention, CpuDecodeAttention)

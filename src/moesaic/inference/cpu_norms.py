@@ -25,15 +25,21 @@ class CpuRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
+def switch_class(model: nn.Module, plain: type[nn.Module], fast: type[nn.Module]) -> int:
+    """Give every module of exactly class `plain` the class `fast` (a subclass adding no state) in place;
+    returns how many. Subclasses of `plain` (other variants) are left alone."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is plain:
+            mod.__class__ = fast
+            n += 1
+    return n
+
+
 def use_cpu_norms(model: nn.Module) -> int:
     """Switch the plain RMSNorm modules of a CPU fp32 model to `CpuRMSNorm` in place; returns how many
     (0 where the kernel cannot be built or the model is not fp32 on CPU)."""
     p = model.embed.weight
     if p.device.type != "cpu" or p.dtype != torch.float32 or not cpu_norm.available():
         return 0
-    n = 0
-    for mod in model.modules():
-        if type(mod) is RMSNorm:
-            mod.__class__ = CpuRMSNorm
-            n += 1
-    return n
+    return switch_class(model, RMSNorm, CpuRMSNorm)

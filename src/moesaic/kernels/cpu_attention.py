@@ -33,151 +33,100 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-static inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+/* Element access per storage type: 16 lanes widened to fp32 (plain / masked), one value to and from fp32.
+   bf16 rounds to nearest even, NaN kept NaN. */
+static inline __m512 ld_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 mld_f32(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+static inline float cv_f32(float x) { return x; }
+static inline float st_f32(float f) { return f; }
+static inline __m512 ld_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 mld_bf16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline float cv_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t st_bf16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
 }
 
-static inline void axpy(float* y, float a, const float* x, int64_t n) {   /* y += a * x */
-  const __m512 va = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; i++) y[i] += a * x[i];
-}
-
-/* y = x * cos + swap_halves(x) * sin_rot (sin_rot: sin with its first half negated), D even. */
+/* y = x * cos + swap_halves(x) * sin_rot (sin_rot: sin with its first half negated), D even; all fp32. */
 static inline void rope(float* y, const float* x, const float* c, const float* sr, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; i++) y[i] = x[i] * c[i] + x[i + h] * sr[i];
   for (int64_t i = h; i < D; i++) y[i] = x[i] * c[i] + x[i - h] * sr[i];
 }
 
-/* q [B, H*D] (row stride qs), k and v [B, Hkv*D] (row strides ks, vs), cos / sin_rot [B, D] (row stride rs);
+/* One kernel per storage type T (suffix S): the arithmetic in fp32 on widened values; the rotated key, the
+   value and the output stored in T once (for bf16: rounded once, where torch rounds after each op).
+   q [B, H*D] (row stride qs), k and v [B, Hkv*D] (row strides ks, vs), cos / sin_rot [B, D] (row stride rs);
    kbuf, vbuf: one layer's [N, M, Hkv, D] contiguous; slots, pos [B]; out [B, H*D] contiguous.
    Returns 0, or -1 when the scratch could not be allocated (nothing written then). */
-int moesaic_decode_attn_f32(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
-                            const float* cos, const float* sinr, int64_t rs, float* kbuf, float* vbuf,
-                            const int64_t* slots, const int64_t* pos, int64_t B, int64_t H, int64_t Hkv,
-                            int64_t D, int64_t M, float scale, float* out) {
-  int64_t pmax = 0;
-  for (int64_t b = 0; b < B; b++) if (pos[b] > pmax) pmax = pos[b];
-  float* scratch = (float*)malloc(sizeof(float) * (size_t)(pmax + 1 + D));
-  if (!scratch) return -1;
-  float* sc = scratch;            /* scores [p + 1] */
-  float* qr = scratch + pmax + 1;  /* one rotated query head [D] */
-  const int64_t G = H / Hkv, row = Hkv * D;
-  for (int64_t b = 0; b < B; b++) {
-    const int64_t p = pos[b];
-    float* K = kbuf + slots[b] * M * row;
-    float* V = vbuf + slots[b] * M * row;
-    const float* c = cos + b * rs;
-    const float* sr = sinr + b * rs;
-    for (int64_t g = 0; g < Hkv; g++) {
-      rope(K + p * row + g * D, k + b * ks + g * D, c, sr, D);
-      memcpy(V + p * row + g * D, v + b * vs + g * D, sizeof(float) * (size_t)D);
-    }
-    for (int64_t h = 0; h < H; h++) {
-      const int64_t g = h / G;
-      rope(qr, q + b * qs + h * D, c, sr, D);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j <= p; j++) {
-        const float s = dot(qr, K + j * row + g * D, D) * scale;
-        sc[j] = s;
-        if (s > mx) mx = s;
-      }
-      float sum = 0.0f;
-      for (int64_t j = 0; j <= p; j++) { const float e = expf(sc[j] - mx); sc[j] = e; sum += e; }
-      float* o = out + b * H * D + h * D;
-      memset(o, 0, sizeof(float) * (size_t)D);
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j <= p; j++) axpy(o, sc[j] * inv, V + j * row + g * D, D);
-    }
-  }
-  free(scratch);
-  return 0;
+#define DECODE_ATTN(S, T)                                                                                     \
+static inline float dot_##S(const float* a, const T* b, int64_t n) {                                          \
+  __m512 acc = _mm512_setzero_ps();                                                                           \
+  int64_t i = 0;                                                                                              \
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), ld_##S(b + i), acc);             \
+  if (i < n) {                                                                                                \
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);                                                    \
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), mld_##S(m, b + i), acc);                           \
+  }                                                                                                           \
+  return _mm512_reduce_add_ps(acc);                                                                           \
+}                                                                                                             \
+static inline void axpy_##S(float* y, float a, const T* x, int64_t n) {  /* y += a * x */                     \
+  const __m512 va = _mm512_set1_ps(a);                                                                        \
+  int64_t i = 0;                                                                                              \
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, ld_##S(x + i), _mm512_loadu_ps(y + i))); \
+  for (; i < n; i++) y[i] += a * cv_##S(x[i]);                                                                \
+}                                                                                                             \
+int moesaic_decode_attn_##S(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int64_t vs,          \
+                            const T* cos, const T* sinr, int64_t rs, T* kbuf, T* vbuf, const int64_t* slots,  \
+                            const int64_t* pos, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t M,      \
+                            float scale, T* out) {                                                            \
+  int64_t pmax = 0;                                                                                           \
+  for (int64_t b = 0; b < B; b++) if (pos[b] > pmax) pmax = pos[b];                                           \
+  float* sc = (float*)malloc(sizeof(float) * (size_t)(pmax + 1 + 5 * D));  /* scores [p + 1], 5 rows [D] */   \
+  if (!sc) return -1;                                                                                         \
+  float *x = sc + pmax + 1, *r = x + D, *c = r + D, *sr = c + D, *o = sr + D;                                 \
+  const int64_t G = H / Hkv, row = Hkv * D;                                                                   \
+  for (int64_t b = 0; b < B; b++) {                                                                           \
+    const int64_t p = pos[b];                                                                                 \
+    T* K = kbuf + slots[b] * M * row;                                                                         \
+    T* V = vbuf + slots[b] * M * row;                                                                         \
+    for (int64_t i = 0; i < D; i++) { c[i] = cv_##S(cos[b * rs + i]); sr[i] = cv_##S(sinr[b * rs + i]); }     \
+    for (int64_t g = 0; g < Hkv; g++) {                                                                       \
+      for (int64_t i = 0; i < D; i++) x[i] = cv_##S(k[b * ks + g * D + i]);                                   \
+      rope(r, x, c, sr, D);                                                                                   \
+      for (int64_t i = 0; i < D; i++) K[p * row + g * D + i] = st_##S(r[i]);                                  \
+      memcpy(V + p * row + g * D, v + b * vs + g * D, sizeof(T) * (size_t)D);                                 \
+    }                                                                                                         \
+    for (int64_t h = 0; h < H; h++) {                                                                         \
+      const int64_t g = h / G;                                                                                \
+      for (int64_t i = 0; i < D; i++) x[i] = cv_##S(q[b * qs + h * D + i]);                                   \
+      rope(r, x, c, sr, D);                                                                                   \
+      float mx = -INFINITY;                                                                                   \
+      for (int64_t j = 0; j <= p; j++) {                                                                      \
+        const float s = dot_##S(r, K + j * row + g * D, D) * scale;                                           \
+        sc[j] = s;                                                                                            \
+        if (s > mx) mx = s;                                                                                   \
+      }                                                                                                       \
+      float sum = 0.0f;                                                                                       \
+      for (int64_t j = 0; j <= p; j++) { const float e = expf(sc[j] - mx); sc[j] = e; sum += e; }             \
+      memset(o, 0, sizeof(float) * (size_t)D);                                                                \
+      const float inv = 1.0f / sum;                                                                           \
+      for (int64_t j = 0; j <= p; j++) axpy_##S(o, sc[j] * inv, V + j * row + g * D, D);                      \
+      for (int64_t i = 0; i < D; i++) out[b * H * D + h * D + i] = st_##S(o[i]);                              \
+    }                                                                                                         \
+  }                                                                                                           \
+  free(sc);                                                                                                   \
+  return 0;                                                                                                   \
 }
 
-/* bf16: the same arithmetic in fp32 on widened values; the rotated key, the value and the output are rounded
-   to bf16 once (round to nearest even), where torch rounds after each op. */
-static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t to_bf(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static inline __m512 load_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline __m512 maskz_load_bf16(__mmask16 m, const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-static inline float dot_bf(const float* a, const uint16_t* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), acc);
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), maskz_load_bf16(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-static inline void axpy_bf(float* y, float a, const uint16_t* x, int64_t n) {
-  const __m512 va = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load_bf16(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; i++) y[i] += a * bf(x[i]);
-}
-
-int moesaic_decode_attn_bf16(const uint16_t* q, int64_t qs, const uint16_t* k, int64_t ks, const uint16_t* v,
-                             int64_t vs, const uint16_t* cos, const uint16_t* sinr, int64_t rs, uint16_t* kbuf,
-                             uint16_t* vbuf, const int64_t* slots, const int64_t* pos, int64_t B, int64_t H,
-                             int64_t Hkv, int64_t D, int64_t M, float scale, uint16_t* out) {
-  int64_t pmax = 0;
-  for (int64_t b = 0; b < B; b++) if (pos[b] > pmax) pmax = pos[b];
-  float* scratch = (float*)malloc(sizeof(float) * (size_t)(pmax + 1 + 6 * D));
-  if (!scratch) return -1;
-  float* sc = scratch;
-  float *qr = sc + pmax + 1, *x = qr + D, *c = x + D, *sr = c + D, *kr = sr + D, *o = kr + D;
-  const int64_t G = H / Hkv, row = Hkv * D;
-  for (int64_t b = 0; b < B; b++) {
-    const int64_t p = pos[b];
-    uint16_t* K = kbuf + slots[b] * M * row;
-    uint16_t* V = vbuf + slots[b] * M * row;
-    for (int64_t i = 0; i < D; i++) { c[i] = bf(cos[b * rs + i]); sr[i] = bf(sinr[b * rs + i]); }
-    for (int64_t g = 0; g < Hkv; g++) {
-      for (int64_t i = 0; i < D; i++) x[i] = bf(k[b * ks + g * D + i]);
-      rope(kr, x, c, sr, D);
-      for (int64_t i = 0; i < D; i++) K[p * row + g * D + i] = to_bf(kr[i]);
-      memcpy(V + p * row + g * D, v + b * vs + g * D, sizeof(uint16_t) * (size_t)D);
-    }
-    for (int64_t h = 0; h < H; h++) {
-      const int64_t g = h / G;
-      for (int64_t i = 0; i < D; i++) x[i] = bf(q[b * qs + h * D + i]);
-      rope(qr, x, c, sr, D);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j <= p; j++) {
-        const float s = dot_bf(qr, K + j * row + g * D, D) * scale;
-        sc[j] = s;
-        if (s > mx) mx = s;
-      }
-      float sum = 0.0f;
-      for (int64_t j = 0; j <= p; j++) { const float e = expf(sc[j] - mx); sc[j] = e; sum += e; }
-      memset(o, 0, sizeof(float) * (size_t)D);
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j <= p; j++) axpy_bf(o, sc[j] * inv, V + j * row + g * D, D);
-      for (int64_t i = 0; i < D; i++) out[b * H * D + h * D + i] = to_bf(o[i]);
-    }
-  }
-  free(scratch);
-  return 0;
-}
+DECODE_ATTN(f32, float)
+DECODE_ATTN(bf16, uint16_t)
 """
 
 
