@@ -3,11 +3,13 @@ the expert choice of a few rows (`kernels.cpu_router`).
 
 `use_cpu_router(model)` gives every plain `SoftmaxTopK` router of a CPU model the class `CpuSoftmaxTopK`, and
 every `SigmoidTopK` without group limits `CpuSigmoidTopK` (same parameters, buffers and state dict). Their
-forward keeps the model's gate matmul (`Router.logits`: the logits are torch's to the bit, and `logits_TE` stays
-valid) and replaces the rest (topk, softmax / sigmoid, gather, renormalisation, scale, cast: ~6 ATen ops) by one
-C call, when the call allows it: fp32 / bf16 activations [T, D] on CPU with T <= `cpu_router.MAX_ROWS`, eval
-mode, no gradient wanted, no token mask, no capacity, k <= `cpu_router.MAX_K`. Otherwise, and when the kernel
-gives up at a (near) tie, the model's own forward decides: the choice of experts is always torch's.
+forward replaces the whole eval path (gate matmul, topk, softmax / sigmoid, gather, renormalisation, scale,
+cast: ~7 ATen ops) by one C call when the call allows it: contiguous fp32 / bf16 activations [T, D] on CPU with
+T <= `cpu_router.MAX_ROWS`, an fp32 / bf16 gate weight (read as it is stored: a bf16 weight needs no fp32 copy),
+eval mode, no gradient wanted, no token mask, no capacity, k <= `cpu_router.MAX_K`. Otherwise, and when the
+kernel gives up at a (near) tie, the model's own forward runs: the experts chosen, and their order, are torch's.
+The RouterOutput is the model's: ids int64, weights in the activations' dtype (within fp32 rounding of torch's),
+logits fp32 (within fp32 rounding: the kernel's are the more exact), probs on access.
 Switch routers, group-limited sigmoid routing and training keep the model's code. A transform from outside,
 like `inference.cpu_attention`: the model code knows nothing of it.
 """
@@ -42,22 +44,21 @@ class _CRouting(Router):
     def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
                 top_k: int | None = None) -> RouterOutput:
         k = self.top_k if top_k is None else int(top_k)
+        w = self.weight
         kind = None
         if (token_mask_T is None and not self.training and self.capacity_factor is None and x_TD.dim() == 2
                 and 0 < x_TD.shape[0] <= cpu_router.MAX_ROWS and 1 <= k <= min(self.num_experts, cpu_router.MAX_K)
-                and x_TD.dtype in cpu_router.DTYPES and x_TD.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x_TD.requires_grad or self.weight.requires_grad))):
+                and x_TD.dtype in cpu_router.DTYPES and w.dtype in cpu_router.DTYPES and x_TD.device.type == "cpu"
+                and x_TD.is_contiguous() and w.is_contiguous() and x_TD.shape[1] == w.shape[1]
+                and not (torch.is_grad_enabled() and (x_TD.requires_grad or w.requires_grad))):
             kind = self._c_kind()
-        if kind is None:
-            return super().forward(x_TD, token_mask_T, top_k)
-        logits_TE = self.logits(x_TD)
-        got = cpu_router.route_unchecked(logits_TE, k, kind[0], kind[1], self.normalize, float(self.scale),
-                                         x_TD.dtype)
-        if got is None:  # a (near) tie or a NaN: torch's topk decides
-            return super().forward(x_TD, token_mask_T, top_k)
-        weights_TK, ids_TK = got
-        out = RouterOutput if kind[0] != cpu_router.KIND_SIGMOID else _SigmoidRouterOutput
-        return out(weights_TK, ids_TK, logits_TE, None)
+        if kind is not None:
+            got = cpu_router.route_unchecked(x_TD, w, k, kind[0], kind[1], self.normalize, float(self.scale))
+            if got is not None:  # else a (near) tie or a NaN: torch's matmul and topk decide
+                weights_TK, ids_TK, logits_TE = got
+                out = RouterOutput if kind[0] != cpu_router.KIND_SIGMOID else _SigmoidRouterOutput
+                return out(weights_TK, ids_TK, logits_TE, None)
+        return super().forward(x_TD, token_mask_T, top_k)
 
 
 class CpuSoftmaxTopK(_CRouting, SoftmaxTopK):
