@@ -20,6 +20,7 @@ from torch import nn
 
 from moesaic.inference.cpu_attention import use_cpu_attention
 from moesaic.inference.cpu_norms import use_cpu_norms
+from moesaic.inference.cpu_router import use_cpu_router
 from moesaic.inference.hugepages import move_to_huge_pages
 from moesaic.kernels import cpu_gemv, cpu_q8
 from moesaic.kernels.onednn import _ONEDNN_MIN_WEIGHT, onednn_available, transpose_for_gemv, unpack_onednn
@@ -118,7 +119,8 @@ def auto_pack(model: nn.Module, max_batch: int) -> bool:
 def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: bool | None = None,
                         huge_pages: bool = True, max_batch: int = 1) -> bool:
     """The engine's weight preparation on CPU, in order: oneDNN layouts (`use_onednn`), the C RMS norms
-    (`inference.cpu_norms`) and the C decode attention (`inference.cpu_attention`; all three only with onednn), huge pages
+    (`inference.cpu_norms`), the C decode attention (`inference.cpu_attention`) and the C routers
+    (`inference.cpu_router`; all four only with onednn), huge pages
     (`hugepages.move_to_huge_pages`; before packing, which is keyed by each weight's address), then the
     blocked copies (pack_weights None: `auto_pack`). Returns whether weights were packed."""
     if model.embed.weight.device.type != "cpu":
@@ -130,6 +132,7 @@ def prepare_cpu_weights(model: nn.Module, *, onednn: bool = True, pack_weights: 
     if onednn:
         use_cpu_norms(model)
         use_cpu_attention(model)
+        use_cpu_router(model)
     if huge_pages:
         move_to_huge_pages(model)
     pack = used and pack
