@@ -1,8 +1,8 @@
 """Same-process interleaved A/B of batch-1 decode: the C router (`inference.cpu_router`) against the model's own.
 
-    OMP_WAIT_POLICY=PASSIVE THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab_router.py fine|coarse fp32|int8 [repeats]
+    OMP_WAIT_POLICY=PASSIVE THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab_router.py fine|coarse fp32|w8a8 [repeats]
 
-One engine (decode.py's shapes, 2 threads; int8 = W8A8 with every linear int8, like decode.py's int8 row); each
+One engine (decode.py's shapes, 2 threads; w8a8 = W8A8 with every linear int8, like decode.py's w8a8 row); each
 repeat generates 64 tokens after a 32-token prompt with the routers' class set to torch's, then to the C one.
 Prints the tok/s of each run and their medians, whether the greedy tokens agree, how often the kernel gave up to
 torch (near-ties), and the median time of a router call inside the decode steps (forward hooks), with the part
@@ -38,7 +38,7 @@ def main() -> None:
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    kw = dict(quantize="int8", quantize_linears=True) if prec == "int8" else {}
+    kw = dict(quantize="w8a8", quantize_linears=True) if prec == "w8a8" else {}
     eng = Engine(build_model(ModelConfig(**SHAPES[shape])).eval(), None, max_batch=1, **kw)
     routers = [m.router for m in eng.model.moe_layers()]
     assert all(type(r) is CpuSoftmaxTopK for r in routers), "the engine did not switch the routers"

@@ -59,12 +59,12 @@ from moesaic import ModelConfig, build_model  # noqa: E402
 from moesaic.inference import Engine, SamplingParams  # noqa: E402
 from moesaic.inference.quantize import unpack_weights  # noqa: E402
 
-# int8 rows: (quantize scheme, quantize_linears, dtype of the rest). "int8" is llama.cpp's q8_0 setting: every
-# linear but the routers int8 with int8 activations (W8A8), norms / embedding / KV cache fp32; "int8-wo" the
-# weight-only int8 experts with the rest in bf16 (the "int8" row of session 3's tables); "int8-wo-all" weight-only
-# with the layout of "int8" (the same-process A/B of the activation quantization alone).
-INT8 = {"int8": ("int8", True, torch.float32), "int8-wo": ("int8-weight-only", False, torch.bfloat16),
-        "int8-wo-all": ("int8-weight-only", True, torch.float32)}
+# int8 rows: (quantize scheme, quantize_linears, dtype of the rest). "w8a8" is llama.cpp's q8_0 setting: every
+# linear but the routers int8 with int8 activations, norms / embedding / KV cache fp32; "int8" the weight-only
+# int8 experts (`--quantize int8`) with the rest in bf16 (the "int8" row of session 3's tables); "int8-all"
+# weight-only with the layout of "w8a8" (the same-process A/B of the activation quantization alone).
+INT8 = {"w8a8": ("w8a8", True, torch.float32), "int8": ("int8", False, torch.bfloat16),
+        "int8-all": ("int8", True, torch.float32)}
 SHAPES = {  # the issue's anchors: 4 layers, D=1024, vocab 8000
     "coarse-8x2": dict(vocab_size=8000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, max_seq_len=256,
                        num_experts=8, top_k=2, expert_ffn=2816, ffn=2816),
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"of {list(SHAPES)}")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"],
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "w8a8"],
                     help=f"of fp32 bf16 {' '.join(INT8)}")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)

@@ -42,8 +42,8 @@ def variant(model, name: str):
     """A quantized copy: "weight-only", or "w8a8-B" (activation block B)."""
     m = copy.deepcopy(model)
     if name == "weight-only":
-        return quantize_model(m, "int8-weight-only", linears=True)
-    quantize_model(m, "int8", linears=True)
+        return quantize_model(m, "int8", linears=True)
+    quantize_model(m, "w8a8", linears=True)
     block = int(name.split("-")[1])
     for mod in m.modules():
         if isinstance(mod, (Int8Experts, Int8Linear)):

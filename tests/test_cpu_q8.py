@@ -170,12 +170,12 @@ def test_act_block_is_validated():
 def test_schemes_set_the_activations_and_the_engine_decodes_like_the_naive_loop():
     from test_engine import naive_greedy, prompts_of, tiny_model
 
-    for scheme, block in (("int8", cpu_q8.ACT_BLOCK), ("int8-weight-only", None)):
+    for scheme, block in (("w8a8", cpu_q8.ACT_BLOCK), ("int8", None)):
         model = quantize_model(tiny_model(), scheme, linears=True)
         assert model.moe_layers()[0].experts.w13.act_block == block
         assert all(m.act_block == block for m in model.modules() if isinstance(m, Int8Linear))
     model = tiny_model()
-    eng = Engine(model, max_batch=3, quantize="int8", quantize_linears=True)
+    eng = Engine(model, max_batch=3, quantize="w8a8", quantize_linears=True)
     prompts = prompts_of([5, 11, 2, 17])
     outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [o.token_ids for o in outs] == [naive_greedy(model, p, 6, set()) for p in prompts]
@@ -188,8 +188,8 @@ def test_w8a8_logits_stay_close_to_fp32():
     model = build_model(cfg).eval()
     ids = torch.randint(0, 97, (1, 12))
     ref = model(ids)
-    qmodel = quantize_model(build_model(cfg).eval(), "int8", linears=True)
-    qmodel.load_state_dict(quantize_model(model, "int8", linears=True).state_dict())
+    qmodel = quantize_model(build_model(cfg).eval(), "w8a8", linears=True)
+    qmodel.load_state_dict(quantize_model(model, "w8a8", linears=True).state_dict())
     assert _rel(qmodel(ids), ref) < 0.05
 
 

@@ -65,8 +65,11 @@ def test_generate_int8_and_experts_per_token(run_folder):
     again = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "4", "--quantize", "int8",
                                         "--experts-per-token", "1", "--temperature", "0.8", "--seed", "3"])
     assert again.stdout == res.stdout
+    w8a8 = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--max-tokens", "4", "--quantize", "w8a8",
+                                       "--dtype", "float32"])
+    assert w8a8.exit_code == 0 and w8a8.stdout.strip(), w8a8.output
     bad = CliRunner().invoke(_app(), [str(folder), "--prompt", "hello", "--quantize", "int4"])
-    assert bad.exit_code != 0 and "int8" in str(bad.exception)
+    assert bad.exit_code != 0 and "int8 or w8a8" in str(bad.exception)
 
 
 def test_chat_streams_replies_until_empty_line(run_folder):

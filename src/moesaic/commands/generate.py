@@ -31,8 +31,8 @@ def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears:
 
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if quantize not in (None, "int8", "int8-weight-only"):
-        raise ValueError(f"--quantize must be int8 or int8-weight-only (or left out), got {quantize!r}")
+    if quantize not in (None, "int8", "w8a8"):
+        raise ValueError(f"--quantize must be int8 or w8a8 (or left out), got {quantize!r}")
     name = _DTYPES[dtype]
     if name is None:  # bf16 where the CPU has native bf16 dot products, else fp32
         name = "bfloat16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "float32"
@@ -42,8 +42,8 @@ def _engine(model_dir: Path, dtype: str, quantize: str | None, quantize_linears:
                   quantize_linears=quantize_linears, pack_weights=pack_weights)
 
 
-_QUANT_HELP = ("int8: int8 expert weights x int8 activations (W8A8, as llama.cpp's q8_0); int8-weight-only: "
-               "int8 weights, float activations")
+_QUANT_HELP = ("int8: int8 expert weights (one scale per output channel), float activations; w8a8: the same "
+               "weights x int8 activations quantized per block of 32 (as llama.cpp's q8_0)")
 
 
 def _cpu_has_bf16() -> bool:

@@ -41,8 +41,8 @@ class Engine(AsyncEngineMixin):
         max_len: positions per slot (prompt + generated); default the model's max_seq_len.
         backend: MoE kernels backend for every MoE layer (None: keep what the layers have).
         dtype: cast the model to this dtype first (e.g. torch.bfloat16); None keeps it.
-        quantize: "int8" replaces the expert weights by int8 + per-output-channel scales (see
-            inference.quantize); None keeps them. quantize_linears: also attention, dense FFNs, LM head.
+        quantize: "int8" replaces the expert weights by int8 + per-output-channel scales (weight-only),
+            "w8a8" also quantizes the activations on the fly (see inference.quantize); None keeps them. quantize_linears: also attention, dense FFNs, LM head.
         onednn: on CPU, run float linears and experts through oneDNN (`inference.quantize.use_onednn`;
             MKL's fp32 matmuls read weights at about half the bandwidth here); the model is changed in place.
         pack_weights: with onednn, also keep oneDNN-blocked copies of the float expert and linear weights

@@ -1,16 +1,16 @@
 """Apply an int8 quantization scheme to a finished model, in place (a transform from outside).
 
-`quantize_model(model, "int8")` replaces every MoE layer's stacked expert weights by int8 +
+`quantize_model(model, "int8")` (or "w8a8") replaces every MoE layer's stacked expert weights by int8 +
 per-output-channel scales (`kernels.quant.Int8Experts`); the MoE layers then run the `int8`
 kernels backend (picked by "auto", or by name). With `linears=True` the attention projections,
 dense / shared-expert FFNs and the LM head become `Int8Linear` too. Routers stay in float: their
 logits choose experts, and they are tiny.
 
 Schemes (same int8 weights, different activations):
-  "int8"              W8A8: the activations are quantized too, on the fly, per block of `cpu_q8.ACT_BLOCK` = 32
-                      inputs (llama.cpp's q8_0 x q8_0), and multiplied with AVX-512 VNNI (`kernels.cpu_q8`);
-                      where the CPU has no VNNI (or off CPU) the weight-only kernels run instead.
-  "int8-weight-only"  the activations stay float (fp32 in the C kernels, bf16 in torch's int8 matmul).
+  "int8"  weight-only: the activations stay float (fp32 in the C kernels, bf16 in torch's int8 matmul).
+  "w8a8"  the activations are quantized too, on the fly, per block of `cpu_q8.ACT_BLOCK` = 32 inputs (llama.cpp's
+          q8_0 x q8_0), and multiplied with AVX-512 VNNI (`kernels.cpu_q8`); where the CPU has no VNNI (or off
+          CPU) the weight-only kernels run instead.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from moesaic.kernels.onednn import pack_onednn as _pack
 from moesaic.kernels.quant import Int8Experts, Int8Linear, OneDNNLinear
 from moesaic.memory import available_memory
 
-SCHEMES = ("int8", "int8-weight-only")
+SCHEMES = ("int8", "w8a8")
 
 
 def quantize_model(model: nn.Module, scheme: str = "int8", *, linears: bool = False) -> nn.Module:
     """Quantize `model` (a moesaic Transformer) in place and return it."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize scheme must be one of {SCHEMES}, got {scheme!r}")
-    block = cpu_q8.ACT_BLOCK if scheme == "int8" else None
+    block = cpu_q8.ACT_BLOCK if scheme == "w8a8" else None
     for layer in model.moe_layers():
         if not isinstance(layer.experts, Int8Experts):
             layer.experts = Int8Experts(layer.experts.w13.data, layer.experts.w2.data, act_block=block)
