@@ -137,3 +137,37 @@ def test_gpu_every_large_t_candidate(t, d, f, e, k, bm, monkeypatch):
                 raise
             continue
         assert rel(y, ref) < 2e-2, cfg
+
+
+def test_persistent_and_tma_switches_also_cap_shipped_configs(monkeypatch):
+    """MOESAIC_TRITON_PERSISTENT=0 / MOESAIC_TRITON_TMA=0 turn the variants off for configs read from JSON too, and
+    the grid follows the kernel's (non-)persistent loop."""
+    from moesaic.kernels.triton import ops
+    from moesaic.kernels.triton.launch import GemmConfig
+
+    g = GemmConfig(64, 32, 1, 4, 2, tma=1, persistent=2)
+    for env, fn in (("MOESAIC_TRITON_PERSISTENT", ops._persistent_max), ("MOESAIC_TRITON_TMA", ops.tma_available)):
+        fn.cache_clear()
+        monkeypatch.setenv(env, "0")
+        try:
+            if fn is ops._persistent_max:
+                assert ops._persistent(g) == 0
+            else:
+                assert not ops.tma_available()
+        finally:
+            monkeypatch.delenv(env)
+            fn.cache_clear()
+    assert ops._persistent(g) in (1, 2)
+
+
+def test_persistent_config_runs_correctly_with_the_switch_off(monkeypatch):
+    """A persistent config from a JSON file under MOESAIC_TRITON_PERSISTENT=0: a full grid, same result."""
+    monkeypatch.setenv("MOESAIC_TRITON_PERSISTENT", "0")
+    ops._persistent_max.cache_clear()
+    try:
+        x, w13, w2, ids, w = problem(33, 64, 32, 8, 2, torch.bfloat16, seed=5)
+        y = moe_experts_triton(x, w13, w2, ids, w, config=cfg_of(16, 0, 2))
+        assert rel(y, ref64(x, w13, w2, ids, w)) < TOL[torch.bfloat16]
+    finally:
+        monkeypatch.delenv("MOESAIC_TRITON_PERSISTENT")
+        ops._persistent_max.cache_clear()

@@ -55,7 +55,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _grid_mm(al: Alignment, ncols: int, g: GemmConfig) -> tuple[int]:
     tiles = al.max_blocks * triton.cdiv(ncols, g.bn)
-    return (min(tiles, _num_sms(al.off_E1.device)),) if g.persistent else (tiles,)
+    return (min(tiles, _num_sms(al.off_E1.device)),) if _persistent(g) else (tiles,)
 
 
 @functools.cache
@@ -64,9 +64,31 @@ def tma_available() -> bool:
     interpreter runs the kernels (tests)."""
     import triton.language as tl
 
+    if os.environ.get("MOESAIC_TRITON_TMA", "1") == "0":  # off: also for shipped configs that ask for it
+        return False
     if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
         return False
     return _interpreting() or (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+
+
+@functools.cache
+def _persistent_max() -> int:
+    """The highest `GemmConfig.persistent` this process runs: 0 with MOESAIC_TRITON_PERSISTENT=0, 1 on a Triton
+    whose `tl.range` has no `flatten` (before 3.3), else 2. A shipped config asking for more runs this instead."""
+    if os.environ.get("MOESAIC_TRITON_PERSISTENT", "1") == "0":
+        return 0
+    import inspect
+
+    import triton.language as tl
+
+    try:
+        return 2 if "flatten" in inspect.signature(tl.range).parameters else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _persistent(g: GemmConfig) -> int:
+    return min(int(g.persistent), _persistent_max())
 
 
 _ALLOCATOR_SET = False
@@ -112,7 +134,7 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
         a, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, act, h,
         al.max_blocks, a.shape[0], e, d, f, topk, a.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
-        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
+        DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=_persistent(g),
         num_warps=g.num_warps, num_stages=g.num_stages)
     return act, (h if save_h else None)
 
@@ -131,7 +153,7 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
         al.max_blocks, a.shape[0], b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn, out.stride(0),
         h.stride(0), BM=al.block_m, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
         OUT_PAIR=out_pair, SCALE_W=w_N is not None, SWIGLU_BWD=h_PG is not None,
-        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=int(g.persistent),
+        DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=_persistent(g),
         num_warps=g.num_warps, num_stages=g.num_stages)
 
 
