@@ -4,7 +4,8 @@ layer for the one-new-token steps (`kernels.cpu_attention`).
 `use_cpu_attention(model)` gives every plain `Attention` of a CPU model the class `CpuDecodeAttention` (same
 parameters, state dict and values up to fp32 rounding). Its forward takes the C path when a decode step
 allows it: one new token per row, fp32 or bf16 on CPU, no gradient, the engine's KV cache (`SlotView`) with
-separate key / value buffers of the activations' dtype, full rotary, no qk clipping (qk-norm per head is fine: it runs before the call).
+separate key / value buffers of the activations' dtype, full rotary, no qk clipping (qk-norm per head is fine:
+it runs before the call).
 Then the q/k/v projections and the output projection stay the model's (oneDNN / the C GEMVs), and rotary,
 the cache write and the attention are one call. Everything else (prefill, fp16, MLA, partial rotary) runs
 the model's own forward. A transform from outside, like `inference.cpu_norms`: the model code knows nothing of it.
@@ -38,8 +39,8 @@ class CpuDecodeAttention(Attention):
             q = self.q_norm(q.view(b, 1, h, d))
             k = self.k_norm(k.view(b, 1, hkv, d))
         o = cpu_attention.decode_attention_unchecked(
-            q.reshape(b, h * d), k.reshape(b, hkv * d), v.reshape(b, hkv * d), tables[0].reshape(b, d),
-            tables.sin_rot.reshape(b, d), k_cache, v_cache, slots, pos, h)
+            q.reshape(b, h * d), k.reshape(b, hkv * d), v.reshape(b, hkv * d), tables[0].reshape(b, d).contiguous(),
+            tables.sin_rot.reshape(b, d).contiguous(), k_cache, v_cache, slots, pos, h)  # one row stride for both
         return self.wo(o.view(b, 1, h * d))
 
     def _c_layout(self, x: torch.Tensor, cache):
