@@ -16,6 +16,7 @@ like `inference.cpu_attention`: the model code knows nothing of it.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from functools import cached_property
 
 import torch
@@ -38,8 +39,9 @@ class _SigmoidRouterOutput(RouterOutput):
 class _CRouting(Router):
     """The C path shared by the switched router classes; `_c_kind` says which kind applies (None: none)."""
 
+    @abstractmethod
     def _c_kind(self) -> tuple[int, torch.Tensor | None] | None:
-        raise NotImplementedError
+        """(cpu_router KIND_*, the fp32 correction bias or None) for this router, or None: torch's forward."""
 
     def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
                 top_k: int | None = None) -> RouterOutput:

@@ -26,7 +26,7 @@ import torch
 
 from moesaic.kernels import cpu_gemv
 
-_SOURCE = r"""
+_SOURCE = cpu_gemv.BF16_C + r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -46,12 +46,7 @@ static inline __m512 mld_bf16(__mmask16 m, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 static inline float cv_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t st_bf16(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
+static inline uint16_t st_bf16(float f) { return fp32_to_bf16(f); }
 
 /* y = x * cos + swap_halves(x) * sin_rot (sin_rot: sin with its first half negated), D even; all fp32. */
 static inline void rope(float* y, const float* x, const float* c, const float* sr, int64_t D) {

@@ -161,6 +161,21 @@ void moesaic_gemv_i8(const float* x, const int8_t* q, const float* scale, float*
 """
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
+# C shared by the kernel sources that write bf16 (prepended to their source before `build`)
+BF16_C = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* fp32 -> bf16, rounded to nearest even like torch's .to(bfloat16); NaN stays NaN */
+static inline uint16_t fp32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+"""
+
 
 def _cache_dir() -> Path:
     root = os.environ.get("MOESAIC_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "moesaic")

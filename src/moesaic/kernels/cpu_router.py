@@ -48,7 +48,7 @@ TOL = {0: 2 * U, 1: 32 * U, 2: 8 * U}  # per kind: this kernel's rounding of the
 # or sigmoid + bias (2) roundings, in ulps of the ranked values (torch's vectorised exp / sigmoid: a few ulps)
 DTYPES = (torch.float32, torch.bfloat16)
 
-_SOURCE = r"""
+_SOURCE = cpu_gemv.BF16_C + r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -56,14 +56,6 @@ _SOURCE = r"""
 #include <string.h>
 
 #define MAX_K 64
-
-static inline uint16_t to_bf16(float f) {  /* round to nearest even, like torch's .to(bfloat16) */
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 static inline float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -162,7 +154,7 @@ int moesaic_route(const void* x, int xbf, const void* w, int wbf, int64_t T, int
     for (int64_t i = 0; i < K; i++) {
       const float v = scale == 1.0f ? wt[i] : wt[i] * scale;
       ids[t * K + i] = idx[i];
-      if (obf) ((uint16_t*)weights)[t * K + i] = to_bf16(v);
+      if (obf) ((uint16_t*)weights)[t * K + i] = fp32_to_bf16(v);
       else ((float*)weights)[t * K + i] = v;
     }
   }
