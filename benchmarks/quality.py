@@ -390,13 +390,14 @@ def run_all(jobs: list[dict], parallel: int, in_process: bool = False, log=print
     return done
 
 
-MERGE_SAME = ("preset", "steps", "batch_size", "seq_len", "lrs", "seeds", "sweep_seed", "data", "max_chars",
+# settings that make curves comparable (the lr sweep and the seeds may differ: runs are keyed by model, lr, seed)
+MERGE_SAME = ("preset", "steps", "batch_size", "seq_len", "sweep_seed", "data", "max_chars",
               "eval_every", "eval_windows", "warmup_steps")
 
 
-def merged_runs(a: argparse.Namespace, models: set[str]) -> tuple[list[dict], list[str]]:
+def merged_runs(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The runs of an earlier JSON of this script (`--merge`), when it was made with the same settings, and
-    the commands that made them."""
+    the commands that made them. A job whose (model, lr, seed) is among them is not run again."""
     if not a.merge:
         return [], []
     prev = json.loads(Path(a.merge).read_text())
@@ -405,8 +406,11 @@ def merged_runs(a: argparse.Namespace, models: set[str]) -> tuple[list[dict], li
         if was.get(k) != getattr(a, k):
             raise ValueError(f"--merge {a.merge}: it was made with {k}={was.get(k)!r}, this run has "
                              f"{getattr(a, k)!r}; the curves would not be comparable")
-    runs = [r for r in prev["runs"] if r["model"] not in models]  # models run again now replace their old runs
-    return runs, [*prev.get("earlier_commands", []), prev["command"]]
+    return prev["runs"], [*prev.get("earlier_commands", []), prev["command"]]
+
+
+def job_key(r: dict) -> tuple:
+    return (r["model"], float(r["lr"]), int(r["seed"]))
 
 
 def run_benchmark(a: argparse.Namespace, log=print) -> dict:
@@ -421,16 +425,26 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
     vocab = model_config(a.preset, "moe").vocab_size
     prepare_data(a.data, vocab, max_chars=a.max_chars, cache_dir=a.cache_dir)  # once, into the shared cache
     log(f"data ready in {time.perf_counter() - t0:.0f}s; {len(jobs)} jobs")
-    earlier, earlier_commands = merged_runs(a, {j["model"] for j in jobs})
+    earlier, earlier_commands = merged_runs(a)
+    have = {job_key(r) for r in earlier}
+    if have:
+        log(f"--merge: {sum(job_key(j) in have for j in jobs)} of the {len(jobs)} jobs are in {a.merge} already")
+    jobs = [j for j in jobs if job_key(j) not in have]
     if a.sweep_seed is None:
         results = earlier + run_all(jobs, a.parallel, a.in_process, log)
     else:  # the sweep on one seed, then the other seeds at each model's chosen lr only
-        results = run_all([j for j in jobs if j["seed"] == a.sweep_seed], a.parallel, a.in_process, log)
+        lrs_of: dict[str, set] = {}
+        for r in [*earlier, *jobs]:
+            lrs_of.setdefault(r["model"], set()).add(float(r["lr"]))
+        # a model with one lr has nothing to choose: all its seeds run in the first wave
+        first = [j for j in jobs if j["seed"] == a.sweep_seed or len(lrs_of[j["model"]]) == 1]
+        jobs = [j for j in jobs if j not in first]
+        results = earlier + run_all(first, a.parallel, a.in_process, log)
         chosen = {m: min(sw, key=sw.get) for m, sw in pick_lrs(results, a.sweep_seed).items()}
         picked = ", ".join(f"{m} {lr:g}" for m, lr in chosen.items())
         log(f"lr chosen on seed {a.sweep_seed}: {picked}")
-        rest = [j for j in jobs if j["seed"] != a.sweep_seed and j["lr"] == chosen[j["model"]]]
-        results = earlier + results + run_all(rest, a.parallel, a.in_process, log)
+        rest = [j for j in jobs if j["lr"] == chosen[j["model"]]]
+        results = results + run_all(rest, a.parallel, a.in_process, log)
     best = summarize(results, a.sweep_seed)
     table = format_table(best)
     import torch

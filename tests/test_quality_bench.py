@@ -110,11 +110,11 @@ def test_merge_takes_earlier_runs_only_with_the_same_settings(quality, tmp_path)
     prev = tmp_path / "prev.json"
     prev.write_text(json.dumps({"settings": earlier, "runs": runs, "command": "quality.py first"}))
     a = quality.parser().parse_args([*args, "--merge", str(prev)])
-    got, commands = quality.merged_runs(a, {"fine-sigmoid"})
-    assert [r["model"] for r in got] == ["moe"] and commands == ["quality.py first"]  # re-run models replaced
+    got, commands = quality.merged_runs(a)
+    assert [r["model"] for r in got] == ["moe", "fine-sigmoid"] and commands == ["quality.py first"]
     a = quality.parser().parse_args([args[0], "200", *args[2:], "--merge", str(prev)])
     with pytest.raises(ValueError, match="steps"):
-        quality.merged_runs(a, {"fine-sigmoid"})
+        quality.merged_runs(a)
 
 
 def test_budget_fraction_runs_get_their_own_shorter_schedule_and_compare_by_final_loss(quality, tmp_path):
@@ -176,3 +176,35 @@ def test_sweep_seed_picks_each_lr_on_one_seed_then_trains_the_other_seeds_at_it(
     assert sorted(best["moe"]["val_per_seed"]) == ["0", "1", "2"]
     with pytest.raises(ValueError, match="sweep-seed"):
         quality.make_jobs(quality.parser().parse_args(["--seeds", "0,1", "--sweep-seed", "5"]), tmp_path)
+
+
+def test_merge_reuses_earlier_runs_and_runs_only_the_missing_jobs(quality, tmp_path, monkeypatch):
+    """The budget-fraction runs added to a finished sweep: only they train; with one lr each they need no
+    sweep wave, so all their seeds go in the first wave; the table compares them with the merged dense runs."""
+    import moesaic.data.tokens as tokens
+
+    monkeypatch.setattr(tokens, "prepare_data", lambda *a, **k: None)
+    extra = dict(tokens_per_step=8, flops_per_token=6, preset="small", data="x")
+    base = ["--models", "moe,dense", "--steps", "100", "--seeds", "0,1", "--sweep-seed", "0",
+            "--work", str(tmp_path / "w")]
+    earlier = [_run(m, lr, s, 4.0 + (m == "dense") * 0.2 + lr, [[50, 4.5], [100, 4.0 + (m == "dense") * 0.2]],
+                    steps=100) | extra for m in ("moe", "dense") for lr, seeds in ((1e-3, (0, 1)), (2e-3, (0,)))
+               for s in seeds]
+    prev = tmp_path / "prev.json"
+    settings = vars(quality.parser().parse_args([*base, "--lrs", "1e-3,2e-3"]))
+    prev.write_text(json.dumps({"settings": settings, "runs": earlier, "command": "quality.py sweep"}))
+    calls = []
+
+    def fake_run_all(jobs, parallel, in_process=False, log=print):
+        calls.append(sorted((j["model"], j["lr"], j["seed"]) for j in jobs))
+        return [_run(j["model"], j["lr"], j["seed"], 4.1, [[35, 4.4], [70, 4.1]], steps=70) | extra for j in jobs]
+
+    monkeypatch.setattr(quality, "run_all", fake_run_all)
+    a = quality.parser().parse_args([*base, "--lrs", "1e-3", "--budget-fractions", "0.7", "--merge", str(prev),
+                                     "--json", str(tmp_path / "q.json")])
+    report = quality.run_benchmark(a, log=lambda s: None)
+    assert calls[0] == [("moe@0.7", 1e-3, 0), ("moe@0.7", 1e-3, 1)] and calls[1:] == [[]]
+    best = report["summary"]
+    assert best["moe"]["lr"] == 1e-3 and best["dense"]["lr"] == 1e-3  # from the merged sweep
+    assert [x["step"] for x in best["moe@0.7"]["reach"]] == [70, 70]  # 4.1 <= the dense finals (4.2)
+    assert report["earlier_commands"] == ["quality.py sweep"] and len(report["runs"]) == len(earlier) + 2
