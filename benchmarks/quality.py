@@ -20,7 +20,9 @@ expert of width 512, sigmoid router, loss-free balancing, weights normalised the
 model reaches when its schedule ends at that step (Hoffmann et al. 2022, "Chinchilla", found a cosine cycle
 longer than the run costs loss at every intermediate step),
 so "the MoE reaches the dense final loss in 70 % of the steps" is measured both ways: the first crossing
-on the full-length curve, and the final loss of a run given 70 % of the steps.
+on the full-length curve, and the final loss of a run given 70 % of the steps. With `--merge` of a finished
+sweep, only the budget runs train:
+    python benchmarks/quality.py ... --lrs 7e-4 --budget-fractions 0.65,0.7 --merge quality_h200.json
 
 Each (model, lr, seed) is one job: a subprocess training with moesaic.train.Trainer on the same data, the
 same windows in the same order and the same token budget, evaluating on fixed validation windows every
@@ -500,7 +502,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-runs", action="store_true", help="keep each job's run folder (checkpoint)")
     ap.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $MOESAIC_CACHE)")
     ap.add_argument("--merge", default=None, help="an earlier JSON of this script with the same settings: its "
-                    "runs join this table (models named in --models are run again)")
+                    "runs join this table, and only the (model, lr, seed) jobs it lacks are trained")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     return ap
 
