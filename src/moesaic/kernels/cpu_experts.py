@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moesaic.kernels import cpu_q8
+from moesaic.kernels import cpu_pool, cpu_q8
 from moesaic.kernels.cpu_experts_src import SOURCE
 from moesaic.kernels.cpu_gemv import build
 
@@ -79,16 +77,6 @@ def usable(x_ND: torch.Tensor, w13, w2) -> bool:
     if ws[0].dtype == torch.int8:
         return ws[1].dtype == torch.int8 and available()
     return ws[0].dtype == ws[1].dtype == x_ND.dtype and available()
-
-
-@functools.cache
-def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="moesaic-experts")
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The helper thread of this process (a forked child gets its own: the parent's thread does not survive fork)."""
-    return _pool_of(os.getpid())
 
 
 def _split(counts: list[int], cost_per_expert: float = 6.0) -> int:
@@ -164,9 +152,7 @@ def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2
             h.data_ptr(), h.stride(0), a.data_ptr(), a.stride(0), y.data_ptr(), d, f)
     cut = _split([c for _, _, c in groups]) if threads > 1 and len(groups) > 1 else len(groups)
     if 0 < cut < len(groups):
-        job = _pool().submit(fn, *args, cut, len(groups), *rest)
-        fn(*args, 0, cut, *rest)
-        job.result()
+        cpu_pool.run2(fn, (*args, 0, cut, *rest), (*args, cut, len(groups), *rest))
     else:
         fn(*args, 0, len(groups), *rest)
     return y
@@ -226,9 +212,7 @@ def linear(x_MI: torch.Tensor, w_OI: torch.Tensor, threads: int = 1) -> torch.Te
 
     cut = (o // 2) & ~7 if threads > 1 and o >= 64 else o
     if 0 < cut < o:
-        job = _pool().submit(fn, *part(cut, o))
-        fn(*part(0, cut))
-        job.result()
+        cpu_pool.run2(fn, part(0, cut), part(cut, o))
     else:
         fn(*part(0, o))
     return y if x_MI.dtype == torch.float32 else y.to(x_MI.dtype)

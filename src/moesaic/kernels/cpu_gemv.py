@@ -17,7 +17,8 @@ that the step's ~150 small ATen ops run from, which cut the step's time outside 
 benchmark shapes); in bf16 NTA made the kernels 15% slower and the step 1.08x, so bf16 keeps T1. It is compiled with the system C compiler (`cc`, -O3
 -march=native) into a cache folder the first time `available()` is asked, and loaded with ctypes
 (the call releases the GIL). Where there is no compiler, no AVX-512 (+ BF16) or no Linux, `available()` is
-False and callers keep oneDNN. It is single-threaded: callers use it only when torch runs one thread.
+False and callers keep oneDNN. One-row calls on weights of 8 MiB or more (an LM head) split their rows over two threads
+(`cpu_pool`).
 """
 
 from __future__ import annotations
@@ -268,8 +269,24 @@ def gemv(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 2:
         _library().moesaic_gemv2_f32(x.data_ptr(), i, w_OI.data_ptr(), y.data_ptr(), o, i, w_OI.stride(0))
     else:
-        getattr(_library(), _KERNELS[x.dtype])(x.data_ptr(), w_OI.data_ptr(), y.data_ptr(), o, i, w_OI.stride(0))
+        _rows_split(getattr(_library(), _KERNELS[x.dtype]), x, w_OI, y, (o, i, w_OI.stride(0)))
     return y
+
+
+def _rows_split(fn, x: torch.Tensor, w_OI: torch.Tensor, y: torch.Tensor, tail: tuple, scale=None) -> None:
+    """fn(x, w, [scale,] y, O, I, ld) over the weight's rows, halved over two threads for weights of at least
+    `cpu_pool.SPLIT_MIN_BYTES` (an LM head) when `cpu_pool.split_one_row`."""
+    from moesaic.kernels import cpu_pool  # cpu_pool builds through this module
+
+    o, ld = tail[0], tail[2]
+    head = (x.data_ptr(), w_OI.data_ptr()) + (() if scale is None else (scale.data_ptr(),))
+    if o * ld * w_OI.element_size() < cpu_pool.SPLIT_MIN_BYTES or not cpu_pool.split_one_row():
+        fn(*head, y.data_ptr(), *tail)
+        return
+    cut, es = (o // 2) & ~15, w_OI.element_size()
+    rest = (x.data_ptr(), w_OI.data_ptr() + cut * ld * es) + (() if scale is None else (scale.data_ptr() + cut * 4,))
+    cpu_pool.run2(fn, (*head, y.data_ptr(), cut, *tail[1:]), (*rest, y.data_ptr() + cut * y.element_size(),
+                                                                o - cut, *tail[1:]))
 
 
 def gemv_int8(x_1I: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
@@ -278,6 +295,5 @@ def gemv_int8(x_1I: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> 
     x = x_1I.to(torch.float32).contiguous()
     s = scale_O.to(torch.float32).contiguous()
     y = torch.empty((1, q_OI.shape[0]), dtype=torch.float32)
-    _library().moesaic_gemv_i8(x.data_ptr(), q_OI.data_ptr(), s.data_ptr(), y.data_ptr(), q_OI.shape[0],
-                               q_OI.shape[1], q_OI.stride(0))
+    _rows_split(_library().moesaic_gemv_i8, x, q_OI, y, (q_OI.shape[0], q_OI.shape[1], q_OI.stride(0)), s)
     return y.to(x_1I.dtype)

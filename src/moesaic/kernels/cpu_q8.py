@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-from moesaic.kernels import cpu_experts
+from moesaic.kernels import cpu_experts, cpu_pool
 from moesaic.kernels.cpu_experts_src import SOURCE
 from moesaic.kernels.cpu_gemv import _cpu_flags, build
 from moesaic.kernels.cpu_q8_src import Q8_SOURCE
@@ -100,19 +100,21 @@ def matmul_reference(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tens
 _local = threading.local()
 
 
-def _scratch(rows: int, k: int) -> tuple[torch.Tensor, int, int]:
+def _scratch(rows: int, k: int, slot: int = 0) -> tuple[torch.Tensor, int, int]:
     """(buffer, ldq, lds) for `rows` quantized rows of up to k inputs: q int8 [rows, ldq] then sv fp32 and nc int32
-    [rows, lds] each; one buffer per thread, grown when needed (the calls of one step reuse it), up to _KEEP bytes
-    (a long prefill's scratch is not kept)."""
+    [rows, lds] each; one buffer per calling thread and slot (slot 1: the half a call hands to the second thread),
+    grown when needed (the calls of one step reuse it), up to _KEEP bytes (a long prefill's scratch is not kept)."""
     ldq = (k + 63) // 64 * 64 + 64  # + 64: rows 4 KiB apart alias in L1
     lds = ldq // 4
     need = rows * (ldq + 8 * lds)
     if need > _KEEP:
         return torch.empty(need, dtype=torch.uint8), ldq, lds
-    buf = getattr(_local, "buf", None)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = [None, None]
+    buf = bufs[slot]
     if buf is None or buf.numel() < need:
-        buf = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
-        _local.buf = buf
+        buf = bufs[slot] = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
     return buf, ldq, lds
 
 
@@ -182,18 +184,19 @@ class _LinearPlan:
         xbf = int(x.dtype == torch.bfloat16)
         cut = (o // 2) & ~7 if threads > 1 and o >= 64 else o
 
-        def part(a: int, b: int):
-            buf, ldq, lds = _scratch(m, self.i)
+        keep = []  # the scratch buffers stay alive until the calls return
+
+        def part(a: int, b: int, slot: int) -> tuple:
+            buf, ldq, lds = _scratch(m, self.i, slot)
+            keep.append(buf)
             pq, ps, pc = _pointers(buf, m, ldq, lds)
-            self.fn(x.data_ptr(), xbf, x.stride(0), m, self.ptr + a * q.stride(0), q.stride(0), b - a, self.i,
+            return (x.data_ptr(), xbf, x.stride(0), m, self.ptr + a * q.stride(0), q.stride(0), b - a, self.i,
                     self.s.data_ptr() + a * 4, y.data_ptr() + a * 4, o, pq, ldq, ps, pc, lds, self.block)
 
         if 0 < cut < o:
-            job = cpu_experts._pool().submit(part, cut, o)
-            part(0, cut)
-            job.result()
+            cpu_pool.run2(self.fn, part(0, cut, 0), part(cut, o, 1))
         else:
-            part(0, o)
+            self.fn(*part(0, o, 0))
         return y if x_MI.dtype == torch.float32 else y.to(x_MI.dtype)
 
 
@@ -216,18 +219,19 @@ def run_experts(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, 
     sc13, sc2 = cpu_experts._fp32_scales(w13.scale), cpu_experts._fp32_scales(w2.scale)
     fn = _library().moesaic_experts_q8
 
-    def run(g0: int, g1: int) -> None:
-        buf, ldq, lds = _scratch(n, max(d, f))  # this thread's scratch, alive until the call returns
-        pq, ps, pc = _pointers(buf, n, ldq, lds)
-        fn(x.data_ptr(), int(x.dtype == torch.bfloat16), 0 if same_row else x.stride(0), ctypes.addressof(gt), g0, g1,
-           q13.data_ptr(), q13.stride(0), q13.stride(1), sc13.data_ptr(), q2.data_ptr(), q2.stride(0), q2.stride(1),
-           sc2.data_ptr(), h.data_ptr(), h.stride(0), pq, ldq, ps, pc, lds, y.data_ptr(), d, f, block)
+    # one scratch for both halves: the groups' rows are disjoint (one token: a row per slot)
+    buf, ldq, lds = _scratch(n, max(d, f))
+    pq, ps, pc = _pointers(buf, n, ldq, lds)
+
+    def run(g0: int, g1: int) -> tuple:
+        return (x.data_ptr(), int(x.dtype == torch.bfloat16), 0 if same_row else x.stride(0), ctypes.addressof(gt),
+                g0, g1, q13.data_ptr(), q13.stride(0), q13.stride(1), sc13.data_ptr(), q2.data_ptr(), q2.stride(0),
+                q2.stride(1), sc2.data_ptr(), h.data_ptr(), h.stride(0), pq, ldq, ps, pc, lds, y.data_ptr(), d, f,
+                block)
 
     cut = cpu_experts._split([c for _, _, c in groups]) if threads > 1 and len(groups) > 1 else len(groups)
     if 0 < cut < len(groups):
-        job = cpu_experts._pool().submit(run, cut, len(groups))
-        run(0, cut)
-        job.result()
+        cpu_pool.run2(fn, run(0, cut), run(cut, len(groups)))
     else:
-        run(0, len(groups))
+        fn(*run(0, len(groups)))
     return y

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moesaic.kernels import cpu_experts, cpu_gemv, cpu_q8
+from moesaic.kernels import cpu_experts, cpu_gemv, cpu_pool, cpu_q8
 from moesaic.kernels.onednn import (
     _ONEDNN_MIN_WEIGHT,
     cpu_linear,
@@ -67,10 +67,13 @@ def int8_linear(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
     """y = x @ (q * scale[:, None]).T, returned in x's dtype. act_block: quantize x too, per block of that many
     inputs (W8A8, `cpu_q8`) where the CPU can; None: weight-only (x stays float)."""
     if w8a8_ok(x_MI, act_block) and q_OI.stride(-1) == 1:
-        # 2 threads only for several rows (compute-bound) of a big enough weight, when torch has 2: one row streams
-        # the weight at memory speed on one core, and the hand-off to the helper (~30 us) cost more than it saved
-        # (batch-1 steps 0.6-0.9x at 2 threads with another job on the second core)
-        threads = 2 if x_MI.shape[0] > 1 and q_OI.numel() >= 1 << 20 and torch.get_num_threads() > 1 else 1
+        # 2 threads for several rows (compute-bound) of a big enough weight, when torch has 2; one row only for the
+        # LM-head-sized weights and through the C worker (`cpu_pool.split_one_row`): for the ~1 MB attention weights
+        # the split cost more than it saved (0.9x on those calls, in-engine A/B, fine-64x8)
+        if x_MI.shape[0] > 1:
+            threads = 2 if q_OI.numel() >= 1 << 20 and torch.get_num_threads() > 1 else 1
+        else:
+            threads = 2 if q_OI.numel() >= cpu_pool.SPLIT_MIN_BYTES and cpu_pool.split_one_row() else 1
         return cpu_q8.linear(x_MI, q_OI, scale_O, act_block, threads)
     if (x_MI.shape[0] == 1 and x_MI.device.type == "cpu" and q_OI.stride(-1) == 1
             and not torch.is_grad_enabled() and cpu_gemv.available()):
@@ -169,7 +172,6 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
     return out_TD.to(hidden_TD.dtype)
 
 
-ONE_TOKEN_SPLIT = False  # W8A8 one-token experts over 2 threads when torch has 2 (off: no gain measured on the shared VM)
 ONE_TOKEN_GROUPED = True  # one-token steps through cpu_experts.one_token (False: the per-expert loop; for A/B runs)
 
 
@@ -183,9 +185,10 @@ def _one_token(hidden_1D: torch.Tensor, w13_EGD, w2_EDF, expert_ids_1K: torch.Te
     if (ONE_TOKEN_GROUPED and cpu_experts.usable(hidden_1D, w13_EGD, w2_EDF)
             and not (torch.is_grad_enabled() and weights_1K.requires_grad)):
         # one C call for the K experts: batch-1 steps 1.04-1.11x (fp32 / bf16), ~1.1x (int8) against the loop of
-        # per-expert cpu_gemv calls, same-process A/B at 1 thread; splitting the experts over 2 threads: 0.98-1.01x
-        threads = min(2, torch.get_num_threads()) if ONE_TOKEN_SPLIT and w8a8_ok(hidden_1D, getattr(
-            w13_EGD, "act_block", None)) else 1
+        # per-expert cpu_gemv calls, same-process A/B at 1 thread. The experts split over the C worker thread: the
+        # experts' time 1.05-1.2x, the step 1.03-1.1x (in-engine A/B, both shapes, fp32 / bf16 / W8A8; through the
+        # Python helper thread it was 0.98-1.01x)
+        threads = 2 if cpu_pool.split_one_row() else 1
         return cpu_experts.one_token(hidden_1D, expert_ids_1K[0].tolist(), weights_1K[0].tolist(), w13_EGD, w2_EDF,
                                      threads)
     lin = lin or _expert_matmul(hidden_1D, w13_EGD, w2_EDF)
