@@ -104,7 +104,7 @@ def test_fused_config_validation_and_candidates():
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg and cfg.path in launch.PATHS
     cands = launch.fused_candidates()
     assert len(set(cands)) == len(cands) >= 6
-    for c in cands:  # two fp32 accumulators of BF x BK: at most 64 registers per thread
+    for c in cands:  # two fp32 accumulators of BF x BK: at most 64 registers a thread
         assert c.path == "fused" and c.gemm2.bk == c.gemm1.bn
         assert 2 * c.gemm1.bn * c.gemm1.bk <= 64 * 32 * c.gemm1.num_warps
 
@@ -215,3 +215,54 @@ def test_gpu_fused_graph_capture_and_replay():
         want = moe_experts_reference(x2.float(), w13.float(), w2.float(), ids2, w2_.float())
         assert rel(out, want) < 1e-2
         assert rel(moe_experts_triton(x2, w13, w2, ids2, w2_, config=cfg), want) < 1e-2
+
+
+_SM90 = r'''
+import json, os, re, subprocess, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moesaic.kernels.triton import launch
+from moesaic.kernels.triton.fused_decode import fused_decode_kernel as kern
+sig = dict(x_ptr="*bf16", w13_ptr="*bf16", w2_ptr="*bf16", ids_ptr="*i64", wts_ptr="*fp32", ws_ptr="*fp32",
+           cnt_ptr="*i32", y_ptr="*bf16", D="i32", F="i32", E="i32", TOPK="i32", stride_xt="i32", stride_13e="i32",
+           stride_13g="i32", stride_2e="i32", stride_2d="i32", stride_yt="i32")
+names = list(sig)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("E", "TOPK")}  # as at D, F % 16 == 0
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for c in launch.fused_candidates():
+    consts = dict(BF=c.gemm1.bn, BK=c.gemm1.bk, BD=c.gemm2.bn, EVEN_K=True, EVEN_D=True)
+    src = ASTSource(fn=kern, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=c.gemm1.num_warps, num_stages=c.gemm1.num_stages))
+    path = os.path.join(os.environ["OUTDIR"], "k.cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    use = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    ptx = k.asm["ptx"]
+    out.append(dict(use=use, v4="ld.global.v4" in ptx, acq_rel="atom.global.gpu.acq_rel.add" in ptx,
+                    red=bool(re.search(r"red\.global\.gpu\.relaxed\.add(\.v[24])?\.f32", ptx))))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """No GPU needed: Triton + ptxas compile every candidate for Hopper (~10 s). The first five fit 128 registers
+    (two 8-warp programs per multiprocessor), none spills, weight loads are 16-byte vectors, the partial sums are
+    relaxed fp32 reductions (scalar or v2) and the counter an acq_rel atomic."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUTDIR=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    run = subprocess.run([sys.executable, "-c", _SM90], capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "No module named" in run.stderr):
+        pytest.skip(f"no sm_90 toolchain here: {run.stderr[-200:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    for i, r in enumerate(rows):
+        regs, local = (int(re.search(p, r["use"]).group(1)) for p in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+        assert local == 0 and regs <= (128 if i < 5 else 255), (i, r["use"])
+        assert r["v4"] and r["acq_rel"] and r["red"], (i, r)

@@ -45,41 +45,61 @@ def fused_decode_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, wts_ptr, ws_ptr, cnt_pt
         fs = tl.program_id(1) * BF + tl.arange(0, BF)
         fs_ld = (fs % F).to(tl.int64)  # in-bounds rows past F; their act is zeroed below
         ks = tl.arange(0, BK)
+        rows = tl.arange(0, BD)
         g_ptrs = w13_ptr + e * stride_13e + fs_ld[:, None] * stride_13g + ks[None, :]
         u_ptrs = g_ptrs + F * stride_13g
         x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + ks
+        w_ptrs = w2_ptr + e * stride_2e + rows[:, None] * stride_2d + fs_ld[None, :]
+        # Triton does not software-pipeline these loops (no tl.dot; seen in the sm_90 PTX), so both load their
+        # next tile one iteration ahead by hand (its DRAM round trip overlaps the math on the current one), and the
+        # first w2 tile is requested before the w13 loop. Tiles stay 16-bit until used.
+        if EVEN_D:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(rows < D)[:, None], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=ks < D, other=0.0)
+            g = tl.load(g_ptrs, mask=(ks < D)[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=(ks < D)[None, :], other=0.0)
         acc_g = tl.zeros((BF, BK), dtype=tl.float32)
         acc_u = tl.zeros((BF, BK), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            if EVEN_K:
-                x = tl.load(x_ptrs).to(tl.float32)
-                g = tl.load(g_ptrs).to(tl.float32)
-                u = tl.load(u_ptrs).to(tl.float32)
-            else:
-                k_ok = ks + k0 < D
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-                g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
-                u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            acc_g += g * x[None, :]
-            acc_u += u * x[None, :]
+        for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
             x_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-        hg = tl.sum(acc_g, axis=1)
-        hu = tl.sum(acc_u, axis=1)
+            if EVEN_K:
+                x_nx = tl.load(x_ptrs)
+                g_nx = tl.load(g_ptrs)
+                u_nx = tl.load(u_ptrs)
+            else:
+                k_ok = ks + k0 < D
+                x_nx = tl.load(x_ptrs, mask=k_ok, other=0.0)
+                g_nx = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
+                u_nx = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+            xf = x.to(tl.float32)[None, :]
+            acc_g += g.to(tl.float32) * xf
+            acc_u += u.to(tl.float32) * xf
+            x, g, u = x_nx, g_nx, u_nx
+        xf = x.to(tl.float32)[None, :]
+        hg = tl.sum(acc_g + g.to(tl.float32) * xf, axis=1)
+        hu = tl.sum(acc_u + u.to(tl.float32) * xf, axis=1)
         wk = tl.load(wts_ptr + n).to(tl.float32)
         act = tl.where(fs < F, hg * tl.sigmoid(hg) * hu * wk, 0.0)
-        rows = tl.arange(0, BD)
-        w_ptrs = w2_ptr + e * stride_2e + rows[:, None] * stride_2d + fs_ld[None, :]
-        for d0 in range(0, D, BD):
-            if EVEN_D:
-                w = tl.load(w_ptrs).to(tl.float32)
-                tl.atomic_add(ws_row + d0 + rows, tl.sum(w * act[None, :], axis=1), sem="relaxed")
-            else:
-                d_ok = rows + d0 < D
-                w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0).to(tl.float32)
-                tl.atomic_add(ws_row + d0 + rows, tl.sum(w * act[None, :], axis=1), mask=d_ok, sem="relaxed")
+        for d0 in range(BD, D, BD):  # load tile d0, add tile d0 - BD (always whole)
             w_ptrs += BD * stride_2d
+            if EVEN_D:
+                w_nx = tl.load(w_ptrs)
+            else:
+                w_nx = tl.load(w_ptrs, mask=(rows + d0 < D)[:, None], other=0.0)
+            tl.atomic_add(ws_row + (d0 - BD) + rows, tl.sum(w.to(tl.float32) * act[None, :], axis=1), sem="relaxed")
+            w = w_nx
+        d_last = ((D - 1) // BD) * BD
+        tl.atomic_add(ws_row + d_last + rows, tl.sum(w.to(tl.float32) * act[None, :], axis=1), mask=rows + d_last < D,
+                      sem="relaxed")
     # every thread's adds are ordered before the counter's release (the scalar atomic runs on one thread)
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
