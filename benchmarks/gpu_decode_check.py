@@ -132,7 +132,10 @@ class Worker:
         self.w13, self.w2 = _weights(self.d, self.f, self.e, self.dev)
 
     def save(self) -> None:
-        self.out.write_text(json.dumps(self.res, indent=1))
+        """Atomically (temp + rename): a process killed while writing leaves the previous version."""
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.res, indent=1))
+        os.replace(tmp, self.out)
 
     def sync(self) -> None:
         if self.dev.type == "cuda":

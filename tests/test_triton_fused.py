@@ -87,11 +87,13 @@ def test_workspace_cleans_itself_between_calls():
     x, w13, w2, ids, w = problem(3, 80, 48, 16, 4, torch.float32, seed=3, drop=0.2)
     first = fd.forward_fused(x, w13, w2, ids, w, SMALL)
     for _ in range(2):
-        assert torch.equal(fd.forward_fused(x, w13, w2, ids, w, SMALL), first)
-    ws, cnt = fd.workspace(DEV, 3, 80)
+        again = fd.forward_fused(x, w13, w2, ids, w, SMALL)
+        # the interpreter runs programs in order: bitwise; on a GPU the atomics' order varies (~1 ulp)
+        assert torch.equal(again, first) if DEV.type == "cpu" else rel(again, first) < 1e-6
+    ws, cnt = fd.workspace(x.device, 3, 80)
     assert ws.shape == (4, 80) and cnt.shape == (4,)
     assert not ws.any() and not cnt.any()
-    assert fd.workspace(DEV, 4, 80)[0] is ws and fd.workspace(DEV, 3, 64)[0] is not ws
+    assert fd.workspace(x.device, 4, 80)[0] is ws and fd.workspace(x.device, 3, 64)[0] is not ws
     y4 = fd.forward_fused(x[:2], w13, w2, ids[:2], w[:2], SMALL)  # bucket 2: rows 2.. of ws untouched
     assert rel(y4, ref64(x[:2], w13, w2, ids[:2], w[:2])) < 1e-5
     assert fd.forward_fused(x[:0], w13, w2, ids[:0], w[:0], SMALL).shape == (0, 80)
