@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 SHAPES = {  # name: (D, F, E, K); the order is the order of the run (the issue's short cells first)
@@ -44,8 +47,6 @@ TIME_T = (1, 8)
 
 def _problem(d, f, e, k, t, dev, seed):
     """Weights are made once per shape (_weights); this makes x, ids, w of T tokens (softmax top-k routing)."""
-    import torch
-
     g = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(t, d, device=dev, dtype=torch.bfloat16, generator=g)
     w, ids = torch.softmax(torch.randn(t, e, device=dev, generator=g), -1).topk(k, dim=-1)
@@ -53,8 +54,6 @@ def _problem(d, f, e, k, t, dev, seed):
 
 
 def _weights(d, f, e, dev):
-    import torch
-
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(e, 2 * f, d, device=dev, dtype=torch.bfloat16, generator=g).mul_(d ** -0.5)
     w2 = torch.randn(e, d, f, device=dev, dtype=torch.bfloat16, generator=g).mul_(f ** -0.5)
@@ -63,9 +62,6 @@ def _weights(d, f, e, dev):
 
 def reference(x, w13, w2, ids, w):
     """fp32 moe_experts of the experts the pairs use (casting all of DeepSeek-V3's 256 to fp32 would take 45 GB)."""
-    import torch
-    import torch.nn.functional as F
-
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         if not 0 <= e < w13.shape[0]:
@@ -82,7 +78,6 @@ def _rel(a, b) -> float:
 
 def _copy_Bps(dev) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy (moe_layer.py's ceiling)."""
-    import torch
     import triton.testing
 
     if dev.type != "cuda":
@@ -117,11 +112,9 @@ class Worker:
     `running` naming the config it died in)."""
 
     def __init__(self, name: str, out: Path, budget_s: float, device: str, max_cands: int | None) -> None:
-        import torch
-
         from moesaic.kernels.triton import autotune, launch
 
-        self.torch, self.autotune, self.launch = torch, autotune, launch
+        self.autotune, self.launch = autotune, launch
         self.dev, self.out, self.deadline = torch.device(device), out, time.monotonic() + budget_s
         self.d, self.f, self.e, self.k = SHAPES[name]
         self.res = json.loads(out.read_text()) if out.exists() else {"shape": name, "D": self.d, "F": self.f,
@@ -139,13 +132,13 @@ class Worker:
 
     def sync(self) -> None:
         if self.dev.type == "cuda":
-            self.torch.cuda.synchronize()
+            torch.cuda.synchronize()
 
     def problem(self, t: int, seed: int, drop: float = 0.0):
         x, ids, w = _problem(self.d, self.f, self.e, self.k, t, self.dev, seed)
         if drop:
-            g = self.torch.Generator(device=self.dev).manual_seed(seed + 1)
-            ids = self.torch.where(self.torch.rand(ids.shape, generator=g, device=self.dev) < drop, -1, ids)
+            g = torch.Generator(device=self.dev).manual_seed(seed + 1)
+            ids = torch.where(torch.rand(ids.shape, generator=g, device=self.dev) < drop, -1, ids)
         return x, self.w13, self.w2, ids, w
 
     def check(self) -> None:
@@ -171,7 +164,7 @@ class Worker:
                     self.sync()
                     row["rel_err"] = [_rel(y, ref) for y in ys]
                     row["call_spread"] = max(_rel(y, ys[0]) for y in ys[1:])  # the atomics' order, run to run
-                    row["calls_bitwise_equal"] = all(bool(self.torch.equal(y, ys[0])) for y in ys[1:])
+                    row["calls_bitwise_equal"] = all(bool(torch.equal(y, ys[0])) for y in ys[1:])
                     row["ok"] = max(row["rel_err"]) < 1e-2
                 except Exception as exc:
                     row["error"] = repr(exc)[:300]
@@ -206,7 +199,7 @@ class Worker:
         return {"config": cfg.to_dict(), "us": us} if us < float("inf") else None
 
     def time(self) -> None:
-        torch, autotune, MoEConfig = self.torch, self.autotune, self.launch.MoEConfig
+        autotune, MoEConfig = self.autotune, self.launch.MoEConfig
         self.res["copy_Bps"] = bps = _copy_Bps(self.dev)
         rows = self.res.setdefault("time", [])
         tag = autotune.device_tag(self.dev) if self.dev.type == "cuda" else "cpu"
@@ -329,8 +322,6 @@ def main(argv=None) -> None:
         w = Worker(name, out / f"{name}.json", a.budget_s, a.device, a.max_cands)
         w.res["device_tag"] = w.autotune.device_tag(w.dev) if w.dev.type == "cuda" else "cpu"
         return w.check() if phase == "check" else w.time()
-    import torch
-
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device here (--device cpu --shapes tiny runs a smoke test under the interpreter)")
     out.mkdir(parents=True, exist_ok=True)
