@@ -52,7 +52,7 @@ def fused_decode_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, wts_ptr, ws_ptr, cnt_pt
         w_ptrs = w2_ptr + e * stride_2e + rows[:, None] * stride_2d + fs_ld[None, :]
         # Triton does not software-pipeline these loops (no tl.dot; seen in the sm_90 PTX), so both load their
         # next tile one iteration ahead by hand (its DRAM round trip overlaps the math on the current one), and the
-        # first w2 tile is requested before the w13 loop. Tiles stay 16-bit until used.
+        # first w2 tile is requested before the w13 loop. Tiles stay in the input dtype until used.
         if EVEN_D:
             w = tl.load(w_ptrs)
         else:
