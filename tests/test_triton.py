@@ -115,7 +115,7 @@ def test_align_is_a_padded_permutation(t, e, k, bm):
 
 def test_config_validation_and_json_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="path"):
-        MoEConfig("fused", 16, G, G)
+        MoEConfig("bogus", 16, G, G)
     with pytest.raises(ValueError, match="bm"):
         MoEConfig("grouped", 24, G, G)
     path = tmp_path / "dev.json"

@@ -8,7 +8,8 @@ One `step()`:
     token budget) and sample each one's first token;
  3. decode one token for every other running request: one forward over all of them with T = 1
     (rows are grouped by experts_per_token, since a forward routes every row to the same k;
-    with `deterministic=True` every row runs alone, so its arithmetic never depends on batch-mates);
+    with `deterministic=True` every row runs alone, so its arithmetic never depends on batch-mates,
+    and the step runs under `kernels.deterministic()`, so no kernel sums in a timing-dependent order);
  4. finished requests leave the batch and free their slot.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from moesaic import kernels
 from moesaic.inference.cache import SlotCache
 from moesaic.inference.graphs import make_decode_graphs
 from moesaic.inference.request import Completion, Request
@@ -56,7 +58,8 @@ class Engine(AsyncEngineMixin):
         prefill_tokens: new requests are prefilled together, right-padded, up to this many padded tokens
             per forward.
         deterministic: run every row's forward alone so a request's output is bitwise independent of
-            its batch-mates (slower: weights are read once per row instead of once per step).
+            its batch-mates (slower: weights are read once per row instead of once per step), and under
+            `kernels.deterministic()` (the GPU experts skip their atomics-based "fused" path).
         cuda_graphs: replay decode steps from CUDA graphs (inference/graphs.py); None: on when the model is
             on CUDA and the step is capturable (MoE layers on the triton backend), else eager. On CUDA the
             engine also fuses each layer's q/k/v weights in place (`Transformer.fuse_qkv`; same names, values).
@@ -76,8 +79,6 @@ class Engine(AsyncEngineMixin):
         if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
             raise ValueError(f"Engine prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
         if backend is not None:
-            from moesaic import kernels
-
             kernels.get_backend(backend)  # an unknown name fails before the model is touched
         self.model = model.eval()
         if dtype is not None:
@@ -183,7 +184,7 @@ class Engine(AsyncEngineMixin):
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Run one engine step (see the module plan); returns the requests that finished in it."""
-        with self._step_lock:
+        with self._step_lock, kernels.deterministic(self.deterministic):
             t0 = time.perf_counter()
             new = self.scheduler.admit()
             for group in self._prefill_groups(new):

@@ -7,7 +7,8 @@ Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k
 
 An expert id < 0 means "no expert" (a token dropped by capacity): it contributes nothing.
 Backends register themselves with `register`; `reference` is always present and is the
-oracle every other backend is tested against.
+oracle every other backend is tested against. `with deterministic():` asks every backend for
+run-to-run reproducible arithmetic (backends skip their timing-dependent paths; determinism.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["moe_experts", "available_backends", "register", "Backend", "get_backend"]
+from moesaic.kernels.determinism import deterministic, deterministic_requested
+
+__all__ = ["moe_experts", "available_backends", "register", "Backend", "get_backend", "deterministic",
+           "deterministic_requested"]
 
 ExpertsFn = Callable[..., torch.Tensor]
 

@@ -6,6 +6,7 @@ Importing this package does not import Triton; the kernels load on first call. M
   align.py         sort (token, expert) pairs by expert, padded per expert to the row block
   grouped_gemm.py  w13 GEMM + SwiGLU epilogue, strided grouped GEMM (w2, backward), weight grads, combine
   decode.py        small-T matrix-vector path (no sort; combine fused)
+  fused_decode.py  small-T path in one launch (fp32 atomics, self-cleaning workspace; not deterministic)
   launch.py        launch configs + heuristic;  autotune.py  per-shape tuning cached as JSON
   ops.py           forward / backward orchestration and the autograd.Function
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1) for tests only.

@@ -7,7 +7,8 @@ kernels/triton/configs/. On a miss on a GPU the shape is tuned (a few seconds: e
 timed on random routing of that size) and written to the user cache, unless
 MOESAIC_TRITON_AUTOTUNE=0, in which case `launch.heuristic` answers. Tuning is staged: for each row
 block BM, the w13 GEMM's candidates with a fixed w2 config, then the w2 GEMM's with the best w13 one;
-for few pairs the decode path is timed the same way and the fastest of all wins.
+for few pairs the fused path's candidates and the decode path (staged like the grouped one) are timed
+the same way and the fastest of all wins.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moesaic.kernels.triton import launch
 from moesaic.kernels.triton.launch import MoEConfig
 
 PACKAGED_DIR = Path(__file__).parent / "configs"
-DECODE_MAX_PAIRS = 64  # the decode path is considered only up to this many (token, expert) pairs
+DECODE_MAX_PAIRS = 64  # the decode and fused paths are considered only up to this many (token, expert) pairs
 _MEMO: dict[tuple[str, str], MoEConfig] = {}
 _TABLES: dict[Path, dict] = {}
 _FAST: dict[tuple, MoEConfig] = {}
@@ -132,9 +133,13 @@ def _time_us(cfg: MoEConfig, args, ref=None, tol: float = 2e-2, log: list | None
     output is further than tol from ref."""
     import triton.testing
 
+    from moesaic.kernels.triton.fused_decode import forward_fused
     from moesaic.kernels.triton.ops import forward_decode, forward_grouped
 
-    if cfg.path == "decode":
+    if cfg.path == "fused":  # timed even when determinism is requested: ops.forward then runs the heuristic
+        def fn():
+            return forward_fused(*args, cfg)
+    elif cfg.path == "decode":
         def fn():
             return forward_decode(*args, cfg)
     else:
@@ -209,6 +214,9 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
         if c2[1] < best[1]:
             best = c2
     if t * k <= DECODE_MAX_PAIRS:
+        fused = _stage(lambda c: c, launch.fused_candidates(), args, ref, log, deadline)
+        if fused[1] < best[1]:
+            best = fused
         g2 = launch.decode_candidates("gemm2")[1]
         c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2), launch.decode_candidates("gemm1"), args, ref, log,
                        deadline)

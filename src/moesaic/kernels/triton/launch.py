@@ -1,15 +1,16 @@
 """Launch configurations for the Triton MoE kernels, and the heuristic used before a shape is tuned.
 
 A `MoEConfig` fixes the path ("grouped": align + two grouped GEMMs + combine; "decode": two
-matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, and one
-`GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
+matrix-vector kernels, no alignment; "fused": one kernel per call, see fused_decode.py), the row block
+BM shared by both grouped GEMMs, and one `GemmConfig` per GEMM (for "fused": gemm1 = F slice BF, w13
+load width BK, warps, stages; gemm2 = w2 rows per load BD, and bk = BF again). They round-trip through plain dicts so the autotuner can store them as JSON.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PATHS = ("grouped", "decode")
+PATHS = ("grouped", "decode", "fused")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class MoEConfig:
             if int(g.persistent) not in (0, 1, 2) or int(g.tma) not in (0, 1, 2):
                 raise ValueError(f"MoEConfig.{name}.tma and .persistent must be 0, 1 or 2, got {g.tma!r}, "
                                  f"{g.persistent!r}")
+        if self.path == "fused" and self.gemm2.bk != self.gemm1.bn:
+            raise ValueError(f"MoEConfig.gemm2.bk must equal gemm1.bn for the fused path (both are the F slice "
+                             f"of a program), got {self.gemm2.bk} and {self.gemm1.bn}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
 
@@ -117,3 +121,21 @@ def decode_candidates(which: str) -> list[GemmConfig]:
                 GemmConfig(16, 512, 1, 8, 2), GemmConfig(32, 256, 1, 4, 3), GemmConfig(8, 512, 1, 4, 3)]
     return [GemmConfig(4, 1024, 1, 4, 2), GemmConfig(8, 1024, 1, 8, 2), GemmConfig(4, 2048, 1, 8, 2),
             GemmConfig(16, 512, 1, 8, 2), GemmConfig(16, 256, 1, 4, 3), GemmConfig(8, 256, 1, 4, 3)]
+
+
+def fused(bf: int, bk: int, bd: int, num_warps: int, num_stages: int) -> MoEConfig:
+    """A fused-path config: F slice bf per program, w13 loads bk wide along D, w2 loads bd rows."""
+    return MoEConfig("fused", 1, GemmConfig(bf, bk, 1, num_warps, num_stages), GemmConfig(bd, bf, 1, num_warps,
+                                                                                           num_stages))
+
+
+def fused_candidates() -> list[MoEConfig]:
+    """Fused-path configs the autotuner times. Programs = T*K*F/BF: BF 16-64 gives a fine-grained layer at T = 1
+    (8 pairs, F 768) 96-384 programs for 132 multiprocessors. BF >= 32 reads >= 64 contiguous bytes of each
+    bf16 w2 row (DRAM bursts); BF 16 trades that for twice the programs and twice the atomics. The kernel
+    holds two fp32 accumulators (2*BF*BK values) plus the current and the next 16-bit tiles: 32 accumulator
+    registers a thread in the first five (~128 registers: 2 programs of 8 warps per multiprocessor), 64 in
+    the last three (fewer, larger programs). w2 tiles BD x BF are 8-16K values (16-32 KB)."""
+    return [fused(32, 128, 256, 8, 2), fused(16, 256, 512, 8, 2), fused(64, 64, 128, 8, 2),
+            fused(16, 128, 256, 4, 2), fused(32, 64, 128, 4, 2), fused(32, 256, 256, 8, 2),
+            fused(16, 512, 512, 8, 2), fused(64, 128, 128, 8, 2)]

@@ -9,6 +9,8 @@ Forward (grouped path):
  3. o_ND[pair] = act_PF @ w2[e].T                                       (grouped_mm_kernel)
  4. y_TD = sum_k w[t,k] * o_ND[t*K+k]                                   (combine_kernel)
 Forward (decode path): decode_w13 then decode_w2 with the combine fused (decode.py).
+Forward (fused path): one kernel, fp32 atomics into a self-cleaning workspace (fused_decode.py); not
+deterministic, so a `deterministic_requested()` call runs the untuned heuristic's path instead.
 Backward (always grouped; training batches are large):
  dw[t,k] = <dy[t], o[t*K+k]>
  do_PD   = w[pair] * dy[tok] in sorted rows, zero padding                (gather_rows)
@@ -26,9 +28,12 @@ import os
 import torch
 import triton
 
+from moesaic.kernels.determinism import deterministic_requested
 from moesaic.kernels.triton import decode as dk
+from moesaic.kernels.triton import fused_decode as fd
 from moesaic.kernels.triton import grouped_aux as ga
 from moesaic.kernels.triton import grouped_gemm as gk
+from moesaic.kernels.triton import launch
 from moesaic.kernels.triton.align import Alignment, align
 from moesaic.kernels.triton.fastlaunch import launcher
 from moesaic.kernels.triton.launch import GemmConfig, MoEConfig
@@ -265,6 +270,11 @@ def backward_grouped(dy_TD, x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, saved, needs):
 
 def forward(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch.Tensor:
     """Inference forward (no autograd bookkeeping) on the path the config names."""
+    if cfg.path == "fused":
+        if not deterministic_requested():
+            return fd.forward_fused(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
+        t, d, e, f, k = _dims(x_TD, w13_EGD, ids_TK)
+        cfg = launch.heuristic(t, d, f, e, k)  # decode or grouped: a fixed summation order
     if cfg.path == "decode":
         return forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg)
     return forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg, save=False)[0]
