@@ -1,8 +1,9 @@
 """Launch configurations for the Triton MoE kernels, and the heuristic used before a shape is tuned.
 
 A `MoEConfig` fixes the path ("grouped": align + two grouped GEMMs + combine; "decode": two
-matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, and one
-`GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
+matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, optionally tail
+tiles (`tail_bm`: each expert padded to tail_bm rows only, its last < BM rows in tail_bm-row tiles),
+and one `GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MoEConfig:
     bm: int
     gemm1: GemmConfig
     gemm2: GemmConfig
+    tail_bm: int = 0  # > 0: tail tiles (align.py) in the inference forward; training keeps uniform bm blocks
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -44,6 +46,10 @@ class MoEConfig:
                                  f"{g.persistent!r}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
+        t = self.tail_bm
+        if t and (self.path != "grouped" or t < 16 or t >= self.bm or t & (t - 1)):
+            raise ValueError(f"MoEConfig.tail_bm must be 0 (off) or, on the grouped path, a power of two with "
+                             f"16 <= tail_bm < bm ({self.bm}), got {t!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +57,7 @@ class MoEConfig:
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
         return MoEConfig(path=d["path"], bm=int(d["bm"]), gemm1=GemmConfig(**d["gemm1"]),
-                         gemm2=GemmConfig(**d["gemm2"]))
+                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)))
 
 
 def rows_per_expert(t: int, e: int, k: int) -> float:
@@ -68,6 +74,11 @@ def bm_candidates(t: int, e: int, k: int) -> list[int]:
     if r <= 128:
         return [32, 64, 128]
     return [64, 128]
+
+
+def tail_candidates(bm: int) -> list[int]:
+    """Tail-tile row counts worth trying at row block bm (large T only: bm >= 64)."""
+    return [32, 64] if bm >= 128 else [16, 32] if bm == 64 else []
 
 
 def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
