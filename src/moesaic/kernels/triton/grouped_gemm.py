@@ -37,11 +37,14 @@ from moesaic.kernels.triton.tiles import _listed_tile, _live_tiles, _rows_at, _s
 
 
 @triton.jit
-def _w13_tile(row0, pid_n, e, rows, row_ok, tok, x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
+def _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+              x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
               stride_we, stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr,
               TMA_B: tl.constexpr):
-    """One live BM x BN tile of act (and h): the K loop and the SwiGLU epilogue."""
+    """One live tile of act (and h): BM sorted rows of expert e from row0 x BN columns; the K loop and the SwiGLU
+    epilogue."""
+    rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     if TMA_A:  # x_ptr holds the rows already gathered into sorted order
@@ -104,19 +107,19 @@ def _w13_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, til
     if TAIL_BM > 0:
         row0, e, is_tail = _listed_tile(pid_m, tile_row_ptr, tile_kind_ptr)
         if is_tail:
-            rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, TAIL_BM)
-            _w13_tile(row0, pid_n, e, rows, row_ok, tok, x_ptr, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F,
+            _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                      x_ptr, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F,
                       stride_xt, stride_we, stride_wg, stride_act, stride_h, TAIL_BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
                       TMA_A, TMA_B)
         else:
-            rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
-            _w13_tile(row0, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+            _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                      x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
                       stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
                       TMA_A, TMA_B)
     else:
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        rows, row_ok, pair, tok = _rows_at(pid_m * BM, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
-        _w13_tile(pid_m * BM, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+        _w13_tile(pid_m * BM, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                  x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
                   stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
                   TMA_A, TMA_B)
 
@@ -165,12 +168,14 @@ def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, count
 
 
 @triton.jit
-def _mm_tile(row0, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
+def _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+             a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
              stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr, SWIGLU_BWD: tl.constexpr,
              DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
-    """One live BM x BN tile of C: the K loop and the epilogue."""
+    """One live tile of C: BM sorted rows of expert e from row0 x BN columns; the K loop and the epilogue."""
+    rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     if TMA_A:
@@ -233,19 +238,19 @@ def _mm_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile
     if TAIL_BM > 0:
         row0, e, is_tail = _listed_tile(pid_m, tile_row_ptr, tile_kind_ptr)
         if is_tail:
-            rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, TAIL_BM)
-            _mm_tile(row0, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+            _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                     a_ptr, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
                      KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, TAIL_BM, BN, BK, A_GATHER,
                      OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
         else:
-            rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
-            _mm_tile(row0, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+            _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                     a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
                      KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK, A_GATHER,
                      OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
     else:
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        rows, row_ok, pair, tok = _rows_at(pid_m * BM, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
-        _mm_tile(pid_m * BM, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+        _mm_tile(pid_m * BM, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                 a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
                  KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK, A_GATHER,
                  OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
 
