@@ -76,12 +76,13 @@ def max_blocks(n_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def max_tiles(n_pairs: int, num_experts: int, main_m: int, tail_m: int) -> int:
-    """Upper bound on the tiles of the tail-tile layout: main tiles <= padded rows / MB with padded rows
-    <= N + (RB - 1) per non-empty expert; each non-empty expert adds at most MB / RB - 1 tail tiles; and
-    no more tiles than RB blocks."""
+    """Upper bound on the tiles of the tail-tile layout. An expert with c rows padded to p = q*MB + j*RB
+    (j < MB/RB) has q + j tiles and c > p - RB, so its tiles exceed c/MB by less than
+    j (1 - RB/MB) + RB/MB <= ((MB - RB)^2 + RB^2) / (MB RB); summed over the min(E, N) non-empty experts.
+    (RB = MB gives the uniform bound N/BM + min(E, N).) Nor can there be more tiles than RB blocks."""
     busy = min(num_experts, n_pairs)
-    padded = n_pairs + (tail_m - 1) * busy
-    return min(padded // main_m + busy * (main_m // tail_m - 1), padded // tail_m)
+    by_tiles = (n_pairs * tail_m + busy * ((main_m - tail_m) ** 2 + tail_m ** 2)) // (main_m * tail_m)
+    return min(by_tiles, (n_pairs + (tail_m - 1) * busy) // tail_m)
 
 
 @triton.jit
