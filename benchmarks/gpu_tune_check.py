@@ -14,7 +14,7 @@ Parts, each a subprocess under a timeout carved from the budget (a crash in one 
  3. layer  benchmarks/moe_layer.py on the four shapes at T = 4096 and 16384 with the new configs
            (triton vs transformers eager/grouped_mm, torch._grouped_mm, sorted): OUTDIR/moe_layer_large_t.json
  4. merge  shipped configs + the new entries -> OUTDIR/<device>.json (to copy into kernels/triton/configs/)
- 5. pytest -m gpu tests/test_triton*.py with what is left of the budget.
+ 5. pytest -m gpu tests/test_triton*.py (tails included) with what is left of the budget.
 """
 
 from __future__ import annotations
@@ -264,7 +264,8 @@ def main() -> None:
     except Exception as exc:
         print(f"# merging the configs failed: {exc!r}")
     run("pytest_gpu", [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider",
-                       "tests/test_triton.py", "tests/test_triton_variants.py"], left(), out, env)
+                       "tests/test_triton.py", "tests/test_triton_variants.py", "tests/test_triton_tails.py"],
+        left(), out, env)
     summary(out)
 
 

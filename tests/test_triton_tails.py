@@ -203,3 +203,36 @@ def test_tail_kernels_compile_for_hopper():
         pytest.skip(f"this Triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(int(line.split()[1]) <= 232448 for line in r.stdout.splitlines())
+
+
+# ---- full sizes on the GPU: both tail sizes in every GEMM variant, at benchmark sizes -------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("t,d,f,e,k,bm", [(1000, 2048, 768, 128, 8, 128), (600, 7168, 2048, 256, 8, 64)])
+def test_gpu_tail_candidates(t, d, f, e, k, bm, monkeypatch):
+    monkeypatch.setenv("MOESAIC_TRITON_AUTOTUNE", "0")
+    x, w13, w2, ids, w = problem(t, d, f, e, k, torch.bfloat16, seed=t, drop=0.02)
+    ref = moe_experts_reference(x, w13, w2, ids, w)
+    tma, persistent = autotune.variants()
+    for which in ("gemm1", "gemm2"):  # one candidate per (tma, persistent) combination
+        kinds = {}
+        for g in launch.gemm_candidates(bm, which, tma, persistent):
+            kinds.setdefault((g.tma, g.persistent), g)
+        if which == "gemm1":
+            g1s = list(kinds.values())
+        else:
+            g2s = list(kinds.values())
+    for tail in launch.tail_candidates(bm):
+        for i in range(max(len(g1s), len(g2s))):
+            cfg = MoEConfig("grouped", bm, g1s[i % len(g1s)], g2s[i % len(g2s)], tail_bm=tail)
+            try:
+                y = moe_experts_triton(x, w13, w2, ids, w, config=cfg)
+            except Exception as exc:  # out of shared memory / registers: the tuner skips these too
+                if "resources" not in str(exc).lower():
+                    raise
+                continue
+            assert rel(y, ref) < 2e-2, cfg
