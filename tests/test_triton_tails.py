@@ -236,3 +236,20 @@ def test_gpu_tail_candidates(t, d, f, e, k, bm, monkeypatch):
                     raise
                 continue
             assert rel(y, ref) < 2e-2, cfg
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tail_forward_replays_from_a_cuda_graph_with_new_routing():
+    """The tile list and its length live on the device: a graph captured on one routing replays another."""
+    x, w13, w2, ids, w = problem(512, 1024, 512, 16, 4, torch.bfloat16, seed=3)
+    ids2 = problem(512, 1024, 512, 16, 4, torch.bfloat16, seed=4, drop=0.1)[3]
+    cfg = MoEConfig("grouped", 128, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 4, 3), tail_bm=32)
+    ids_s = ids.clone()
+    moe_experts_triton(x, w13, w2, ids_s, w, config=cfg)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = moe_experts_triton(x, w13, w2, ids_s, w, config=cfg)
+    ids_s.copy_(ids2)
+    g.replay()
+    assert rel(out, moe_experts_reference(x, w13, w2, ids2, w)) < 2e-2
