@@ -7,8 +7,7 @@ kernels/triton/configs/. On a miss on a GPU the shape is tuned (a few seconds: e
 timed on random routing of that size) and written to the user cache, unless
 MOESAIC_TRITON_AUTOTUNE=0, in which case `launch.heuristic` answers. Tuning is staged: for each row
 block BM, the w13 GEMM's candidates with a fixed w2 config, then the w2 GEMM's with the best w13 one;
-then (BM >= 64) the tail-tile row counts with those GEMM configs, and if one wins, both GEMM stages
-again with it; for few pairs the decode path is timed the same way and the fastest of all wins.
+for few pairs the decode path is timed the same way and the fastest of all wins.
 """
 
 from __future__ import annotations
@@ -199,6 +198,8 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
          budget_s: float | None = None, log: list | None = None, exclude=(), tails: bool | None = None
          ) -> tuple[MoEConfig, float]:
     """Time the candidate configs on a random problem of this shape; -> (best config, its time in us).
+    After the two GEMM stages of a row block >= 64, its tail-tile sizes (launch.tail_candidates) are timed
+    with the winning GEMM configs; a tail that wins gets both GEMM stages again (_tail_stage).
     bms: row blocks to try (default launch.bm_candidates); baseline: a config timed first (e.g. the
     shipped one), kept unless a candidate beats it; check: compare every candidate's output with the
     reference backend (candidates off by > 2e-2 relative are rejected); budget_s: stop trying new

@@ -1,9 +1,8 @@
 """Launch configurations for the Triton MoE kernels, and the heuristic used before a shape is tuned.
 
 A `MoEConfig` fixes the path ("grouped": align + two grouped GEMMs + combine; "decode": two
-matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, optionally tail
-tiles (`tail_bm`: each expert padded to tail_bm rows only, its last < BM rows in tail_bm-row tiles),
-and one `GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
+matrix-vector kernels, no alignment), the row block BM shared by both grouped GEMMs, and one
+`GemmConfig` per GEMM. They round-trip through plain dicts so the autotuner can store them as JSON.
 """
 
 from __future__ import annotations
