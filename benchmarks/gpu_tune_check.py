@@ -14,7 +14,7 @@ Parts, each a subprocess under a timeout carved from the budget (a crash in one 
  3. layer  benchmarks/moe_layer.py on the four shapes at T = 4096 and 16384 with the new configs
            (triton vs transformers eager/grouped_mm, torch._grouped_mm, sorted): OUTDIR/moe_layer_large_t.json
  4. merge  shipped configs + the new entries -> OUTDIR/<device>.json (to copy into kernels/triton/configs/)
- 5. pytest -m gpu tests/test_triton*.py with what is left of the budget.
+ 5. pytest -m gpu tests/test_triton*.py (tails included) with what is left of the budget.
 """
 
 from __future__ import annotations
@@ -146,11 +146,10 @@ def stage_times(prob, cfg) -> dict:
     import triton.testing
 
     from moesaic.kernels.triton import ops
-    from moesaic.kernels.triton.align import align
 
     x, w13, w2, ids, w = prob
     (t, d), (e, _, f), k = x.shape, w2.shape, ids.shape[1]
-    al = align(ids, e, cfg.bm)
+    al = ops.align_for(ids, e, cfg)  # the tail-tile layout if cfg asks for it
     act, _ = ops.run_w13(x, w13, al, k, cfg.gemm1, False)
     o = torch.empty((t * k, d), dtype=x.dtype, device=x.device)
     fns = {"w13": lambda: ops.run_w13(x, w13, al, k, cfg.gemm1, False),
@@ -265,7 +264,8 @@ def main() -> None:
     except Exception as exc:
         print(f"# merging the configs failed: {exc!r}")
     run("pytest_gpu", [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider",
-                       "tests/test_triton.py", "tests/test_triton_variants.py"], left(), out, env)
+                       "tests/test_triton.py", "tests/test_triton_variants.py", "tests/test_triton_tails.py"],
+        left(), out, env)
     summary(out)
 
 

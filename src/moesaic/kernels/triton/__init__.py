@@ -3,7 +3,8 @@
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k.
 
 Importing this package does not import Triton; the kernels load on first call. Modules:
-  align.py         sort (token, expert) pairs by expert, padded per expert to the row block
+  align.py         sort (token, expert) pairs by expert, padded per expert to the row block (or tail tiles)
+  tiles.py         which sorted rows each GEMM program works on (uniform blocks or the tail-tile list)
   grouped_gemm.py  w13 GEMM + SwiGLU epilogue, strided grouped GEMM (w2, backward), weight grads, combine
   decode.py        small-T matrix-vector path (no sort; combine fused)
   fused_decode.py  small-T path in one launch (fp32 atomics, self-cleaning workspace; not deterministic)

@@ -13,6 +13,7 @@ the same way and the fastest of all wins.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -124,6 +125,11 @@ def variants() -> tuple[bool, bool]:
     return tma, os.environ.get("MOESAIC_TRITON_PERSISTENT", "1") != "0"
 
 
+def tails_enabled() -> bool:
+    """Whether the tuner tries tail tiles (MOESAIC_TRITON_TAIL=0: no, and ops runs configs without them)."""
+    return os.environ.get("MOESAIC_TRITON_TAIL", "1") != "0"
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
@@ -181,14 +187,30 @@ def _stage(make, cands, args, ref=None, log=None, deadline=None) -> tuple[MoECon
     return best
 
 
+def _tail_stage(uniform: MoEConfig, us: float, cands1, cands2, args, ref, log, deadline):
+    """-> (config, us): uniform, or the best tail-tile config at its row block (GEMM stages redone with it)."""
+    tails = [dataclasses.replace(uniform, tail_bm=tb) for tb in launch.tail_candidates(uniform.bm)]
+    best = _stage(lambda c: c, tails, args, ref, log, deadline)
+    if not best[1] < us:
+        return uniform, us
+    tb = best[0].tail_bm
+    c1, _ = _stage(lambda g: dataclasses.replace(uniform, gemm1=g, tail_bm=tb), cands1, args, ref, log, deadline)
+    c2 = _stage(lambda g: dataclasses.replace(c1 or best[0], gemm2=g), cands2, args, ref, log, deadline)
+    return min((uniform, us), best, c2, key=lambda r: r[1])
+
+
 def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None = None, check: bool = False,
-         budget_s: float | None = None, log: list | None = None, exclude=()) -> tuple[MoEConfig, float]:
+         budget_s: float | None = None, log: list | None = None, exclude=(), tails: bool | None = None
+         ) -> tuple[MoEConfig, float]:
     """Time the candidate configs on a random problem of this shape; -> (best config, its time in us).
+    After the two GEMM stages of a row block >= 64, its tail-tile sizes (launch.tail_candidates) are timed
+    with the winning GEMM configs; a tail that wins gets both GEMM stages again (_tail_stage).
     bms: row blocks to try (default launch.bm_candidates); baseline: a config timed first (e.g. the
     shipped one), kept unless a candidate beats it; check: compare every candidate's output with the
     reference backend (candidates off by > 2e-2 relative are rejected); budget_s: stop trying new
     candidates after this many seconds; log: list receiving one dict per timed candidate; exclude: GemmConfigs
-    not to try (e.g. ones that failed a smoke test), or a dict row block -> such GemmConfigs."""
+    not to try (e.g. ones that failed a smoke test), or a dict row block -> such GemmConfigs; tails: try tail
+    tiles (default: tails_enabled())."""
     import time
 
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -211,6 +233,8 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
         if c1 is None:
             continue
         c2 = _stage(lambda g, c1=c1: MoEConfig("grouped", c1.bm, c1.gemm1, g), cands2, args, ref, log, deadline)
+        if c2[0] is not None and (tails_enabled() if tails is None else tails):
+            c2 = _tail_stage(c2[0], c2[1], cands1, cands2, args, ref, log, deadline)
         if c2[1] < best[1]:
             best = c2
     if t * k <= DECODE_MAX_PAIRS:

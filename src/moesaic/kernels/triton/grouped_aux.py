@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moesaic.kernels.triton.grouped_gemm import _block_rows
+from moesaic.kernels.triton.tiles import _block_rows
 
 
 @triton.jit

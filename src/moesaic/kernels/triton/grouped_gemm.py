@@ -3,9 +3,10 @@
 Shape legend: T tokens, D model dim, F expert hidden, G = 2F, E experts, K top-k, N = T*K pairs,
 P padded sorted rows (see align.py), BM/BN/BK block sizes.
 
-Every tile is BM sorted rows x BN columns; all rows of a row block belong to one expert
-(block_expert[b]); rows past the expert's count are padding: computed on harmless data and never
-stored. Sorted row r holds pair sorted_ids[r]; the pair's token is pair // K.
+Every tile is BM sorted rows x BN columns; all rows of a row tile belong to one expert (uniform
+blocks: block_expert[b]; tail tiles: the tile list; tiles.py maps programs to rows); rows past the
+expert's count are padding: computed on harmless data and never stored. Sorted row r holds pair
+sorted_ids[r]; the pair's token is pair // K.
 
   w13_swiglu   act_PF = silu(x[tok] @ w13[e, :F].T) * (x[tok] @ w13[e, F:].T)   (+ h_PG = both, for backward)
   grouped_mm   C = A[rows] @ B[e]  with B[e] any [Kd, Ncols] strided view of an expert's weight;
@@ -22,6 +23,9 @@ Variants (constexpr flags, chosen per shape by the autotuner; see launch.GemmCon
                  (off[E] / BM row blocks x column blocks) instead of one program per possible tile;
                  2: the same with tl.range(flatten=True), so the compiler may flatten the tile and K
                  loops into one pipelined loop (the next tile's loads overlap this tile's epilogue).
+  TAIL_BM        > 0: the tail-tile layout (align.py): row tiles come from a list, BM-row main tiles and
+                 TAIL_BM-row tail tiles in one launch; each program branches on its tile's kind into the
+                 same tile body specialized for either row count. 0: uniform BM-row blocks.
 """
 
 from __future__ import annotations
@@ -29,41 +33,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    # groups of GROUP_M row blocks sweep all column blocks together so B tiles are reused in L2
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
+from moesaic.kernels.triton.tiles import _listed_tile, _live_tiles, _rows_at, _swizzle
 
 
 @triton.jit
-def _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, E, TOPK, BM: tl.constexpr):
-    """-> (live, e, rows, row_ok, pair, tok) for row block pid_m."""
-    total = tl.load(off_ptr + E)
-    live = pid_m * BM < total
-    e = tl.load(block_expert_ptr + pid_m, mask=live, other=0).to(tl.int64)
-    rows = pid_m * BM + tl.arange(0, BM)
-    row_ok = (rows - tl.load(off_ptr + e)) < tl.load(counts_ptr + e)
-    pair = tl.load(sorted_ptr + rows, mask=row_ok, other=0)
-    tok = (pair // TOPK).to(tl.int64)
-    return live, e, rows.to(tl.int64), row_ok, pair.to(tl.int64), tok
-
-
-@triton.jit
-def _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
+def _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+              x_ptr, x_desc, w_ptr, w_desc, act_ptr, h_ptr, D, F, stride_xt,
               stride_we, stride_wg, stride_act, stride_h, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr,
               TMA_B: tl.constexpr):
-    """One live BM x BN tile of act (and h): the K loop and the SwiGLU epilogue."""
+    """One live tile of act (and h): BM sorted rows of expert e from row0 x BN columns; the K loop and the SwiGLU
+    epilogue."""
+    rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     if TMA_A:  # x_ptr holds the rows already gathered into sorted order
-        a_row0 = (pid_m * BM).to(tl.int32)
+        a_row0 = row0.to(tl.int32)
     else:
         a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
     if TMA_B:  # rows past F read the up half or (last expert) zeros; such columns are never stored
@@ -113,54 +98,88 @@ def _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_desc, w_ptr, w_desc, 
 
 
 @triton.jit
-def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, act_ptr, h_ptr,
-                      num_blocks, x_rows, E, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act, stride_h,
+def _w13_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr, x_ptr,
+            x_src, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F, TOPK, stride_xt, stride_we, stride_wg, stride_act,
+            stride_h, BM: tl.constexpr, TAIL_BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr,
+            TMA_B: tl.constexpr):
+    """Live row tile pid_m (a BM block, or entry pid_m of the tile list when TAIL_BM > 0) x column block pid_n."""
+    if TAIL_BM > 0:
+        row0, e, is_tail = _listed_tile(pid_m, tile_row_ptr, tile_kind_ptr)
+        if is_tail:
+            _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                      x_ptr, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, TAIL_BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
+        else:
+            _w13_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                      x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                      TMA_A, TMA_B)
+    else:
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        _w13_tile(pid_m * BM, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                  x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
+                  stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
+                  TMA_A, TMA_B)
+
+
+@triton.jit
+def w13_swiglu_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr,
+                      n_tiles_ptr, act_ptr, h_ptr, num_blocks, x_rows, E, D, F, TOPK, stride_xt, stride_we, stride_wg,
+                      stride_act, stride_h,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       SAVE_H: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
+                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr, TAIL_BM: tl.constexpr):
     # x_ptr [x_rows, D] row-major activations: token rows, or (TMA_A) rows already in sorted order; w_ptr [E, 2F, D] (gate rows then up rows, D contiguous);
     # act_ptr [P, F] output silu(gate)*up in sorted rows; h_ptr [P, 2F] pre-activations (if SAVE_H).
+    # tile_row_ptr / tile_kind_ptr [S], n_tiles_ptr [1]: the tail-tile list (TAIL_BM > 0; align.py).
+    # num_blocks: the row tiles the grid covers (max blocks, or S).
     # TMA_B needs stride_we == 2F * stride_wg (checked by the caller): one descriptor over [E*2F, D].
     if TMA_A:
         x_src = tl.make_tensor_descriptor(x_ptr, shape=[x_rows, D], strides=[stride_xt, 1], block_shape=[BM, BK])
+        if TAIL_BM > 0:
+            x_tail = tl.make_tensor_descriptor(x_ptr, shape=[x_rows, D], strides=[stride_xt, 1],
+                                               block_shape=[TAIL_BM, BK])
+        else:
+            x_tail = x_src
     else:
         x_src = x_ptr
+        x_tail = x_ptr
     if TMA_B:
         w_src = tl.make_tensor_descriptor(w_ptr, shape=[E * 2 * F, D], strides=[stride_wg, 1],
                                           block_shape=[BN, BK])
     else:
         w_src = w_ptr
     num_n = tl.cdiv(F, BN)
+    num_live = _live_tiles(off_ptr, n_tiles_ptr, E, BM, TAIL_BM)
     if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
-        num_m = tl.load(off_ptr + E) // BM
-        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
-            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                           counts_ptr, E, TOPK, BM)
-            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
-                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
-                      TMA_A, TMA_B)
+        for tile in tl.range(tl.program_id(0), num_live * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_live, num_n, GROUP_M)
+            _w13_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr,
+                    x_ptr, x_src, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F, TOPK, stride_xt, stride_we, stride_wg,
+                    stride_act, stride_h, BM, TAIL_BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_A, TMA_B)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
-        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                       counts_ptr, E, TOPK, BM)
-        if live:
-            _w13_tile(pid_m, pid_n, e, rows, row_ok, tok, x_ptr, x_src, w_ptr, w_src, act_ptr, h_ptr, D, F,
-                      stride_xt, stride_we, stride_wg, stride_act, stride_h, BM, BN, BK, SAVE_H, DOT_F32, EVEN_K,
-                      TMA_A, TMA_B)
+        if pid_m < num_live:
+            _w13_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr,
+                    x_ptr, x_src, x_tail, w_ptr, w_src, act_ptr, h_ptr, D, F, TOPK, stride_xt, stride_we, stride_wg,
+                    stride_act, stride_h, BM, TAIL_BM, BN, BK, SAVE_H, DOT_F32, EVEN_K, TMA_A, TMA_B)
 
 
 @triton.jit
-def _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
+def _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+             a_ptr, a_desc, b_ptr, b_desc, c_ptr, w_ptr, h_ptr, NC, KD,
              stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr, SWIGLU_BWD: tl.constexpr,
              DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
-    """One live BM x BN tile of C: the K loop and the epilogue."""
+    """One live tile of C: BM sorted rows of expert e from row0 x BN columns; the K loop and the epilogue."""
+    rows, row_ok, pair, tok = _rows_at(row0, e, sorted_ptr, off_ptr, counts_ptr, TOPK, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     if TMA_A:
-        a_row0 = (pid_m * BM).to(tl.int32)
+        a_row0 = row0.to(tl.int32)
     else:
         a_row = tok if A_GATHER else rows
         a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
@@ -210,42 +229,74 @@ def _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_desc, b_ptr, b_d
 
 
 @triton.jit
-def grouped_mm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, w_ptr, h_ptr,
-                      num_blocks, a_rows, E, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
-                      stride_h,
+def _mm_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr, a_ptr,
+           a_src, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC, KD, TOPK, stride_am, stride_be, stride_bk, stride_bn,
+           stride_cm, stride_h, BM: tl.constexpr, TAIL_BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+           A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+           DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr):
+    """Live row tile pid_m (a BM block, or entry pid_m of the tile list when TAIL_BM > 0) x column block pid_n."""
+    if TAIL_BM > 0:
+        row0, e, is_tail = _listed_tile(pid_m, tile_row_ptr, tile_kind_ptr)
+        if is_tail:
+            _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                     a_ptr, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+                     KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, TAIL_BM, BN, BK, A_GATHER,
+                     OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+        else:
+            _mm_tile(row0, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                     a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+                     KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK, A_GATHER,
+                     OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+    else:
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        _mm_tile(pid_m * BM, pid_n, e, sorted_ptr, off_ptr, counts_ptr, TOPK,
+                 a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC,
+                 KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK, A_GATHER,
+                 OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+
+
+@triton.jit
+def grouped_mm_kernel(a_ptr, b_ptr, c_ptr, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr,
+                      tile_kind_ptr, n_tiles_ptr, w_ptr, h_ptr, num_blocks, a_rows, E, NC, KD, TOPK, stride_am,
+                      stride_be, stride_bk, stride_bn, stride_cm, stride_h,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                       A_GATHER: tl.constexpr, OUT_PAIR: tl.constexpr, SCALE_W: tl.constexpr,
                       SWIGLU_BWD: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
-                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr):
+                      TMA_A: tl.constexpr, TMA_B: tl.constexpr, PERSISTENT: tl.constexpr, TAIL_BM: tl.constexpr):
     # a_ptr [a_rows, KD] (k contiguous): row = token (A_GATHER) or sorted row.
     # b_ptr expert e's [KD, NC] view: b_ptr + e*stride_be + k*stride_bk + n*stride_bn.
     # c_ptr [rows, NC] (+NC more columns when SWIGLU_BWD): row = pair (OUT_PAIR) or sorted row.
     # w_ptr [N] fp top-k weights by pair (SCALE_W); h_ptr [P, 2F] saved pre-activations (SWIGLU_BWD).
+    # tile_row_ptr / tile_kind_ptr [S], n_tiles_ptr [1]: the tail-tile list (TAIL_BM > 0; align.py).
     # TMA_A: sorted A only. TMA_B: needs stride_bk == 1 and stride_be == NC * stride_bn (the caller checks):
     # one descriptor over the weights as [E*NC, KD].
     if TMA_A:
         a_src = tl.make_tensor_descriptor(a_ptr, shape=[a_rows, KD], strides=[stride_am, 1], block_shape=[BM, BK])
+        if TAIL_BM > 0:
+            a_tail = tl.make_tensor_descriptor(a_ptr, shape=[a_rows, KD], strides=[stride_am, 1],
+                                               block_shape=[TAIL_BM, BK])
+        else:
+            a_tail = a_src
     else:
         a_src = a_ptr
+        a_tail = a_ptr
     if TMA_B:
         b_src = tl.make_tensor_descriptor(b_ptr, shape=[E * NC, KD], strides=[stride_bn, 1], block_shape=[BN, BK])
     else:
         b_src = b_ptr
     num_n = tl.cdiv(NC, BN)
+    num_live = _live_tiles(off_ptr, n_tiles_ptr, E, BM, TAIL_BM)
     if PERSISTENT > 0:  # every tile of the loop is live: no branch around the K loop (2: flattened loops)
-        num_m = tl.load(off_ptr + E) // BM
-        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
-            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-            live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                           counts_ptr, E, TOPK, BM)
-            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
-                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
-                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+        for tile in tl.range(tl.program_id(0), num_live * num_n, tl.num_programs(0), flatten=PERSISTENT == 2):
+            pid_m, pid_n = _swizzle(tile, num_live, num_n, GROUP_M)
+            _mm_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr, a_ptr,
+                   a_src, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC, KD, TOPK, stride_am, stride_be, stride_bk,
+                   stride_bn, stride_cm, stride_h, BM, TAIL_BM, BN, BK, A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD,
+                   DOT_F32, EVEN_K, TMA_A, TMA_B)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, num_n, GROUP_M)
-        live, e, rows, row_ok, pair, tok = _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr,
-                                                       counts_ptr, E, TOPK, BM)
-        if live:
-            _mm_tile(pid_m, pid_n, e, rows, row_ok, pair, tok, a_ptr, a_src, b_ptr, b_src, c_ptr, w_ptr, h_ptr,
-                     NC, KD, stride_am, stride_be, stride_bk, stride_bn, stride_cm, stride_h, BM, BN, BK,
-                     A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD, DOT_F32, EVEN_K, TMA_A, TMA_B)
+        if pid_m < num_live:
+            _mm_at(pid_m, pid_n, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, tile_row_ptr, tile_kind_ptr, a_ptr,
+                   a_src, a_tail, b_ptr, b_src, c_ptr, w_ptr, h_ptr, NC, KD, TOPK, stride_am, stride_be, stride_bk,
+                   stride_bn, stride_cm, stride_h, BM, TAIL_BM, BN, BK, A_GATHER, OUT_PAIR, SCALE_W, SWIGLU_BWD,
+                   DOT_F32, EVEN_K, TMA_A, TMA_B)

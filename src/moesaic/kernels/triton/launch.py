@@ -31,6 +31,7 @@ class MoEConfig:
     bm: int
     gemm1: GemmConfig
     gemm2: GemmConfig
+    tail_bm: int = 0  # > 0: tail tiles (align.py) in the inference forward; training keeps uniform bm blocks
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -48,6 +49,10 @@ class MoEConfig:
                              f"of a program), got {self.gemm2.bk} and {self.gemm1.bn}")
         if self.path == "grouped" and self.bm < 16:
             raise ValueError(f"MoEConfig.bm must be >= 16 for the grouped path (tl.dot), got {self.bm}")
+        t = self.tail_bm
+        if t and (self.path != "grouped" or t < 16 or t >= self.bm or t & (t - 1)):
+            raise ValueError(f"MoEConfig.tail_bm must be 0 (off) or, on the grouped path, a power of two with "
+                             f"16 <= tail_bm < bm ({self.bm}), got {t!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +60,7 @@ class MoEConfig:
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
         return MoEConfig(path=d["path"], bm=int(d["bm"]), gemm1=GemmConfig(**d["gemm1"]),
-                         gemm2=GemmConfig(**d["gemm2"]))
+                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)))
 
 
 def rows_per_expert(t: int, e: int, k: int) -> float:
@@ -72,6 +77,11 @@ def bm_candidates(t: int, e: int, k: int) -> list[int]:
     if r <= 128:
         return [32, 64, 128]
     return [64, 128]
+
+
+def tail_candidates(bm: int) -> list[int]:
+    """Tail-tile row counts worth trying at row block bm (large T only: bm >= 64)."""
+    return [32, 64] if bm >= 128 else [16, 32] if bm == 64 else []
 
 
 def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
