@@ -33,9 +33,26 @@ def test_kernel_non_contiguous_and_eps():
     torch.testing.assert_close(cpu_norm.rms_norm(tiny, torch.ones(8), 1e-2), rms_norm(tiny, torch.ones(8), 1e-2))
 
 
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 1, 16, 64), (3, 1, 4, 128), (1, 33), (2, 5, 7), (1, 1, 1)])
+def test_bf16_kernel_matches_the_models_bf16_norm(shape):
+    """bf16: the model rounds the normalised value to bf16, then the product with the bf16 weight; the kernel
+    does the same, so only the fp32 sum of squares' order differs: equal but for rare 1-ulp differences."""
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).bfloat16()
+    w = torch.randn(shape[-1], generator=g).bfloat16()
+    assert cpu_norm.usable(x, w)
+    got = cpu_norm.rms_norm(x, w, 1e-5)
+    want = rms_norm(x, w, 1e-5)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert (got != want).float().mean() < 0.02  # the same roundings: almost every value bit-identical
+
+
 def test_usable_refuses_what_it_cannot_do():
     w = torch.ones(8)
-    assert not cpu_norm.usable(torch.ones(2, 8, dtype=torch.bfloat16), w)
+    assert not cpu_norm.usable(torch.ones(2, 8, dtype=torch.bfloat16), w)  # dtypes differ
+    assert not cpu_norm.usable(torch.ones(2, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float16))
     assert not cpu_norm.usable(torch.ones(2, 8), torch.ones(2, 4))  # per-head weights
     assert not cpu_norm.usable(torch.ones(cpu_norm.MAX_ELEMENTS // 8 + 1, 8), w)  # a prefill: torch's norm
     assert not cpu_norm.usable(torch.ones(0, 8), w)
@@ -59,4 +76,11 @@ def test_engine_norms_switch_and_match():
         assert isinstance(norm, CpuRMSNorm)
         torch.testing.assert_close(norm(big), rms_norm(big, norm.weight, norm.eps))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert use_cpu_norms(build_model(cfg).to(torch.bfloat16)) == 0
+    assert use_cpu_norms(build_model(cfg).to(torch.float16)) == 0
+    torch.manual_seed(0)
+    bf = build_model(cfg).eval().to(torch.bfloat16)
+    with torch.inference_mode():
+        want = bf(ids)
+        assert use_cpu_norms(bf) == 2 * 4 + 1
+        got = bf(ids)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,8 +1,8 @@
 """The engine's CPU RMS norms: the model's `RMSNorm` modules switched, in place, to the one-call C kernel.
 
-`use_cpu_norms(model)` gives every plain `RMSNorm` of a CPU fp32 model the class `CpuRMSNorm` (same
-parameters, state dict and values up to fp32 rounding): its forward calls `kernels.cpu_norm.rms_norm` when
-the input is a few fp32 rows (a decode step's norms: 9-17 calls a step on the benchmark shapes, each
+`use_cpu_norms(model)` gives every plain `RMSNorm` of a CPU fp32 or bf16 model the class `CpuRMSNorm` (same
+parameters, state dict and values up to fp32 rounding; bf16 rounded at the model's two points): its forward calls
+`kernels.cpu_norm.rms_norm` when the input is a few fp32 / bf16 rows (a decode step's norms: 9-17 calls a step on the benchmark shapes, each
 ~8 ATen ops in torch) and the model's own `rms_norm` otherwise. A transform from outside, like
 `inference.quantize.use_onednn`: the model code knows nothing of it.
 """
@@ -17,7 +17,7 @@ from moesaic.model.norm import RMSNorm, rms_norm
 
 
 class CpuRMSNorm(RMSNorm):
-    """RMSNorm whose few-row fp32 CPU inputs go through the C kernel (`kernels.cpu_norm`)."""
+    """RMSNorm whose few-row fp32 / bf16 CPU inputs go through the C kernel (`kernels.cpu_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_norm.usable(x, self.weight):
@@ -37,9 +37,9 @@ def switch_class(model: nn.Module, plain: type[nn.Module], fast: type[nn.Module]
 
 
 def use_cpu_norms(model: nn.Module) -> int:
-    """Switch the plain RMSNorm modules of a CPU fp32 model to `CpuRMSNorm` in place; returns how many
-    (0 where the kernel cannot be built or the model is not fp32 on CPU)."""
+    """Switch the plain RMSNorm modules of a CPU fp32 or bf16 model to `CpuRMSNorm` in place; returns how many
+    (0 where the kernel cannot be built or the model is not fp32 / bf16 on CPU)."""
     p = model.embed.weight
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not cpu_norm.available():
+    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16) or not cpu_norm.available():
         return 0
     return switch_class(model, RMSNorm, CpuRMSNorm)

@@ -1,4 +1,4 @@
-"""RMS norm of a few fp32 CPU rows in one small C call (batch-1 decode): an AVX-512 kernel built on first use.
+"""RMS norm of a few fp32 / bf16 CPU rows in one small C call (batch-1 decode): an AVX-512 kernel built on first use.
 
 Shape legend: R rows, D features.
 
@@ -50,6 +50,35 @@ void moesaic_rms_norm_f32(const float* x, const float* w, float* y, int64_t R, i
                                                        _mm512_maskz_loadu_ps(tail, w + i)));
   }
 }
+
+/* bf16 rows (the model's bf16 order, `norm.rms_norm`): t = bf16(x * (1 / sqrt(sum(x^2) / D + eps))) in fp32, then
+   y = bf16(t * w): F.rms_norm's rounded output times the bf16 weight, each product rounded once (to nearest even). */
+static inline __m512 bf16x16_load(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __m512 bf16x16_round(__m512 v) { /* fp32 -> nearest bf16 -> fp32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+void moesaic_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t R, int64_t D, float eps) {
+  for (int64_t r = 0; r < R; r++) {
+    const uint16_t* xr = x + r * D;
+    uint16_t* yr = y + r * D;
+    __m512 a0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = D - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - i)) - 1u);
+      __m512 v = bf16x16_load(xr + i, m);
+      a0 = _mm512_fmadd_ps(v, v, a0);
+    }
+    const __m512 s = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(a0) / (float)D + eps));
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = D - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - i)) - 1u);
+      __m512 t = bf16x16_round(_mm512_mul_ps(bf16x16_load(xr + i, m), s));
+      _mm256_mask_storeu_epi16(yr + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(t, bf16x16_load(w + i, m))));
+    }
+  }
+}
 """
 
 MAX_ELEMENTS = 1 << 16  # more: torch's (multi-threaded) norm; this kernel is for the few rows of a decode step
@@ -60,8 +89,9 @@ def _library() -> ctypes.CDLL | None:
     lib = cpu_gemv.build(_SOURCE, "rmsnorm")
     if lib is None:
         return None
-    lib.moesaic_rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    lib.moesaic_rms_norm_f32.restype = None
+    for fn in (lib.moesaic_rms_norm_f32, lib.moesaic_rms_norm_bf16):
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        fn.restype = None
     return lib
 
 
@@ -71,18 +101,22 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `rms_norm(x, weight, eps)` applies: fp32 CPU x [..., D] with at most MAX_ELEMENTS values and a
-    contiguous fp32 CPU weight [D], no gradient wanted."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether `rms_norm(x, weight, eps)` applies: fp32 (or bf16) CPU x [..., D] with at most MAX_ELEMENTS values
+    and a contiguous CPU weight [D] of x's dtype, no gradient wanted."""
+    return (x.dtype in _KERNELS and weight.dtype == x.dtype and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.dim() == 1 and x.dim() >= 1
             and weight.shape[0] == x.shape[-1] and weight.is_contiguous() and 0 < x.numel() <= MAX_ELEMENTS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and available())
 
 
+_KERNELS = {torch.float32: "moesaic_rms_norm_f32", torch.bfloat16: "moesaic_rms_norm_bf16"}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D] / rms(x) * weight [D] -> a new tensor of x's shape (fp32); check `usable` first."""
+    """x [..., D] / rms(x) * weight [D] -> a new tensor of x's shape and dtype (fp32, or bf16 rounded as the model's
+    bf16 norm rounds: the normalised value, then its product with the weight); check `usable` first."""
     x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.float32)
+    y = torch.empty(x.shape, dtype=x.dtype)
     d = x.shape[-1]
-    _library().moesaic_rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    getattr(_library(), _KERNELS[x.dtype])(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
     return y
