@@ -275,7 +275,7 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float, flops: float
         for b in args.batches:
             add("hf", "fp32", b, run_hf(hf, b, args.prompt_len, args.new_tokens, cfg.vocab_size),
                 weight_bytes(model, uniq[b], 4))
-        if "bf16" in args.precisions:
+        if "bf16" in args.precisions and 1 in uniq:  # transformers in bf16: batch 1 only
             hf = hf.to(torch.bfloat16)
             add("hf", "bf16", 1, run_hf(hf, 1, args.prompt_len, args.new_tokens, cfg.vocab_size),
                 weight_bytes(model, uniq[1], 2))
