@@ -439,8 +439,9 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
         for r in [*earlier, *jobs]:
             lrs_of.setdefault(r["model"], set()).add(float(r["lr"]))
         # a model with one lr has nothing to choose: all its seeds run in the first wave
-        first = [j for j in jobs if j["seed"] == a.sweep_seed or len(lrs_of[j["model"]]) == 1]
-        jobs = [j for j in jobs if j not in first]
+        in_first = [j["seed"] == a.sweep_seed or len(lrs_of[j["model"]]) == 1 for j in jobs]
+        first = [j for j, f in zip(jobs, in_first) if f]
+        jobs = [j for j, f in zip(jobs, in_first) if not f]
         results = earlier + run_all(first, a.parallel, a.in_process, log)
         chosen = {m: min(sw, key=sw.get) for m, sw in pick_lrs(results, a.sweep_seed).items()}
         picked = ", ".join(f"{m} {lr:g}" for m, lr in chosen.items())

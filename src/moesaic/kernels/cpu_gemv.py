@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from moesaic.kernels import cpu_pool
+
 _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -276,8 +278,6 @@ def gemv(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
 def _rows_split(fn, x: torch.Tensor, w_OI: torch.Tensor, y: torch.Tensor, tail: tuple, scale=None) -> None:
     """fn(x, w, [scale,] y, O, I, ld) over the weight's rows, halved over two threads for weights of at least
     `cpu_pool.SPLIT_MIN_BYTES` (an LM head) when `cpu_pool.split_one_row`."""
-    from moesaic.kernels import cpu_pool  # cpu_pool builds through this module
-
     o, ld = tail[0], tail[2]
     head = (x.data_ptr(), w_OI.data_ptr()) + (() if scale is None else (scale.data_ptr(),))
     if o * ld * w_OI.element_size() < cpu_pool.SPLIT_MIN_BYTES or not cpu_pool.split_one_row():

@@ -31,8 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moesaic.kernels import cpu_gemv
-
 MAX_ARGS = 32
 
 
@@ -160,6 +158,9 @@ int moesaic_pool_run2(void* fn, int64_t n, const int64_t* a_main, const int64_t*
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    # imported here, once: cpu_gemv imports this module for its hot path
+    from moesaic.kernels import cpu_gemv
+
     lib = cpu_gemv.build(_source(), "pool")
     if lib is None:
         return None
