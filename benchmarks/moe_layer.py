@@ -12,7 +12,10 @@ before each call) on CUDA; on CPU a plain wall-clock median.
 Peers in the same run: transformers' MixtralExperts with experts implementation "eager" and
 "grouped_mm" (built from a config, weights shared with ours), torch._grouped_mm called directly
 (sort, gather, two grouped GEMMs, scatter-add), and moesaic's "sorted" backend. "triton+graph" is
-our backend replayed from a CUDA graph (how the engine's decode step runs it).
+our backend replayed from a CUDA graph, as the engine's decode step runs it: the graph holds 10 calls,
+each with its own routing (like 10 layers: other experts, so no L2 reuse between calls), and time and
+floor are per call. (A graph launch costs ~10 us of GPU time on the H200; the engine pays it once per
+step, not per layer. Session 5 timed one-call graphs, which counted it per layer: Qwen3 T = 1 37 us.)
 
     python benchmarks/moe_layer.py                       # CUDA: all shapes, all T, JSON to benchmarks/results/
     python benchmarks/moe_layer.py --device cpu          # tiny shape on CPU (smoke run, no Triton)
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 from moesaic import kernels
-from moesaic.kernels.triton.autotune import random_problem
+from moesaic.kernels.triton.autotune import random_problem, random_routing
 
 SHAPES = {  # name: (D, F, E, K)
     "Mixtral-8x7B": (4096, 14336, 8, 2),
@@ -44,6 +47,7 @@ SHAPES = {  # name: (D, F, E, K)
     "tiny": (256, 512, 8, 2),
 }
 TOKENS = [1, 8, 64, 512, 4096, 16384]
+GRAPH_CALLS = 10  # layer calls per CUDA graph for "triton+graph" (time and floor are per call)
 
 
 def bench(fn, device: str, rep_ms: int = 100) -> float:
@@ -110,7 +114,8 @@ def torch_grouped_mm(x, w13, w2, ids, w):
 
 
 def graph_replay(fn):
-    """Capture fn() in a CUDA graph (after warm-up on a side stream); return the replay callable."""
+    """Capture fn() in a CUDA graph (after warm-up on a side stream); return the replay callable.
+    fn may make several calls (run_point's graph holds GRAPH_CALLS layer calls)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -152,22 +157,34 @@ def run_point(name, shape, t, impls, w13, w2, ceil, device, dtype, rep_ms, graph
     todo = dict(impls)
     if device == "cuda" and "triton" in impls and t <= graph_max_t:
         todo["triton+graph"] = None
+        # GRAPH_CALLS calls in one graph, as consecutive layers run in the engine's captured decode step (one
+        # graph launch a step, not a layer); each routes differently (another layer's experts: no L2 reuse)
+        routes = [(ids, w)] + [random_routing(t, e, k, torch.device(device), seed=7919 * t + i)
+                               for i in range(1, GRAPH_CALLS)]
+        g_floor = statistics.mean(max(flops / ceil["matmul_flops"], int(torch.unique(r[0]).numel()) * 3 * d * f
+                                      * w13.element_size() / ceil["copy_Bps"]) for r in routes)
     for iname, fn in todo.items():
         try:
             if iname == "triton+graph":
-                fn = graph_replay(lambda: impls["triton"](x, ids, w))
+                fn = graph_replay(lambda: [impls["triton"](x, r_ids, r_w) for r_ids, r_w in routes])
                 y = None
             else:
                 fn(x, ids, w)  # first call compiles/tunes; check the steady-state (fast-launch) output
                 y = fn(x, ids, w)
             err = None if y is None else float((y.float() - ref.float()).norm() / ref.float().norm())
-            sec = bench(fn if iname == "triton+graph" else (lambda fn=fn: fn(x, ids, w)), device, rep_ms)
+            if iname == "triton+graph":
+                sec = bench(fn, device, rep_ms) / GRAPH_CALLS
+            else:
+                sec = bench(lambda fn=fn: fn(x, ids, w), device, rep_ms)
         except Exception as exc:  # e.g. out of memory in a peer: record and go on
             row["impls"][iname] = {"error": repr(exc)[:200]}
             torch.cuda.empty_cache() if device == "cuda" else None
             continue
+        fl = g_floor if iname == "triton+graph" else floor
         row["impls"][iname] = {"time_s": sec, "tflops": flops / sec / 1e12, "GBps": wbytes / sec / 1e9,
-                               "efficiency": floor / sec, "rel_err_vs_reference": err}
+                               "efficiency": fl / sec, "rel_err_vs_reference": err}
+        if iname == "triton+graph":
+            row["impls"][iname]["calls_per_graph"] = GRAPH_CALLS
     return row
 
 

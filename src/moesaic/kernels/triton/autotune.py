@@ -26,6 +26,7 @@ from moesaic.kernels.triton import launch
 from moesaic.kernels.triton.launch import MoEConfig
 
 PACKAGED_DIR = Path(__file__).parent / "configs"
+GRAPH_CALLS = 5  # calls per timed CUDA graph (_time_us)
 DECODE_MAX_PAIRS = 64  # the decode and fused paths are considered only up to this many (token, expert) pairs
 _MEMO: dict[tuple[str, str], MoEConfig] = {}
 _TABLES: dict[Path, dict] = {}
@@ -105,6 +106,14 @@ def get_config(t: int, d: int, f: int, e: int, k: int, dtype: torch.dtype, devic
     return cfg
 
 
+def random_routing(t, e, k, device, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T, K], weights [T, K]): softmax over random logits, top-k, renormalised."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(t, e, device=device, dtype=torch.float32, generator=g)
+    w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+    return ids, w / w.sum(-1, keepdim=True)
+
+
 def random_problem(t, d, f, e, k, dtype, device, seed=0):
     """Inputs of a shape with softmax routing over random logits (what tuning and benchmarks time)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -143,27 +152,33 @@ def _time_us(cfg: MoEConfig, args, ref=None, tol: float = 2e-2, log: list | None
     from moesaic.kernels.triton.ops import forward_decode, forward_grouped
 
     if cfg.path == "fused":  # timed even when determinism is requested: ops.forward then runs the heuristic
-        def fn():
-            return forward_fused(*args, cfg)
+        def fn(ids, w):
+            return forward_fused(args[0], args[1], args[2], ids, w, cfg)
     elif cfg.path == "decode":
-        def fn():
-            return forward_decode(*args, cfg)
+        def fn(ids, w):
+            return forward_decode(args[0], args[1], args[2], ids, w, cfg)
     else:
-        def fn():
-            return forward_grouped(*args, cfg, save=False)[0]
+        def fn(ids, w):
+            return forward_grouped(args[0], args[1], args[2], ids, w, cfg, save=False)[0]
     err = None
     try:
-        y = fn()  # compile outside the graph
+        y = fn(args[3], args[4])  # compile outside the graph
         torch.cuda.synchronize()
         if ref is not None:
             err = _rel(y, ref)
             if not err < tol:  # NaN fails too
                 raise ValueError(f"output differs from the reference: {err:.2e}")
-        # time GPU work only (a CUDA graph replay): host launch cost does not depend on the config
+        # time GPU work only: a CUDA graph of GRAPH_CALLS back-to-back calls (as layers follow each other in the
+        # engine's captured step), per call; host launch cost and the graph's own launch do not depend on the
+        # config. Each call routes differently (like another layer: other experts, so no L2 reuse between them).
+        t, e, k = args[0].shape[0], args[1].shape[0], args[3].shape[1]
+        routings = [(args[3], args[4])] + [random_routing(t, e, k, args[0].device, seed=1000 + i)
+                                            for i in range(1, GRAPH_CALLS)]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
-        us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+            for ids, w in routings:
+                fn(ids, w)
+        us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") / GRAPH_CALLS
         note = None
     except Exception as exc:  # a config the chip cannot run (shared memory, registers) is skipped
         torch.cuda.synchronize()
@@ -242,12 +257,18 @@ def tune(t, d, f, e, k, dtype, device, *, bms=None, baseline: MoEConfig | None =
             fused = _stage(lambda c: c, launch.fused_candidates(), args, ref, log, deadline)
             if fused[1] < best[1]:
                 best = fused
-        g2 = launch.decode_candidates("gemm2")[1]
-        c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2), launch.decode_candidates("gemm1"), args, ref, log,
-                       deadline)
+        from moesaic.kernels.triton.ops import pdl_available
+
+        pdl = int(pdl_available(device))
+        g2 = launch.decode_candidates("gemm2")[0]
+        c1, _ = _stage(lambda g: MoEConfig("decode", 1, g, g2, pdl=pdl), launch.decode_candidates("gemm1"), args,
+                       ref, log, deadline)
         if c1 is not None:
-            c2 = _stage(lambda g: MoEConfig("decode", 1, c1.gemm1, g), launch.decode_candidates("gemm2"), args, ref,
-                        log, deadline)
+            c2 = _stage(lambda g: MoEConfig("decode", 1, c1.gemm1, g, pdl=pdl), launch.decode_candidates("gemm2"),
+                        args, ref, log, deadline)
+            if pdl and c2[0] is not None:  # PDL won on every H200 shape; kept only where it does here
+                c2 = min(c2, _stage(lambda c: c, [dataclasses.replace(c2[0], pdl=0)], args, ref, log, deadline),
+                         key=lambda r: r[1])
             if c2[1] < best[1]:
                 best = c2
     if best[0] is None:

@@ -33,7 +33,8 @@ def _spec(a):
 
 
 class Launcher:
-    """`Launcher(jit_fn)(grid, *runtime_args, num_warps=., num_stages=., **constexprs)`."""
+    """`Launcher(jit_fn)(grid, *runtime_args, num_warps=., num_stages=., launch_pdl=False, **constexprs)`;
+    launch_pdl is a compile option too (Triton keeps it in the kernel's metadata, its launcher reads it)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -47,15 +48,16 @@ class Launcher:
         if sorted(fn.constexprs) != list(range(n_params - len(self.const_names), n_params)):
             raise ValueError(f"{fn.arg_names}: constexpr parameters must come last for the fast launcher")
 
-    def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 3, **consts):
+    def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 3, launch_pdl: bool = False, **consts):
+        opts = {"launch_pdl": True} if launch_pdl else {}  # programmatic dependent launch (sm_90+)
         if not self.enabled:
-            self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **consts)
+            self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **opts, **consts)
             return
         cvals = tuple(consts[n] for n in self.const_names)
-        key = (torch.cuda.current_device(), num_warps, num_stages, cvals, tuple(map(_spec, args)))
+        key = (torch.cuda.current_device(), num_warps, num_stages, launch_pdl, cvals, tuple(map(_spec, args)))
         k = self.cache.get(key)
         if k is None:
-            k = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **consts)
+            k = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **opts, **consts)
             if hasattr(k, "result"):  # asynchronous compile mode
                 k = k.result()
             self.cache[key] = k

@@ -32,6 +32,7 @@ class MoEConfig:
     gemm1: GemmConfig
     gemm2: GemmConfig
     tail_bm: int = 0  # > 0: tail tiles (align.py) in the inference forward; training keeps uniform bm blocks
+    pdl: int = 0  # decode path: 1 = programmatic dependent launch (w2 streams while w13 ends; sm_90+ only)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -53,6 +54,8 @@ class MoEConfig:
         if t and (self.path != "grouped" or t < 16 or t >= self.bm or t & (t - 1)):
             raise ValueError(f"MoEConfig.tail_bm must be 0 (off) or, on the grouped path, a power of two with "
                              f"16 <= tail_bm < bm ({self.bm}), got {t!r}")
+        if self.pdl not in (0, 1) or (self.pdl and self.path != "decode"):
+            raise ValueError(f"MoEConfig.pdl must be 0, or 1 on the decode path, got {self.pdl!r} ({self.path})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +63,7 @@ class MoEConfig:
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
         return MoEConfig(path=d["path"], bm=int(d["bm"]), gemm1=GemmConfig(**d["gemm1"]),
-                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)))
+                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)), pdl=int(d.get("pdl", 0)))
 
 
 def rows_per_expert(t: int, e: int, k: int) -> float:
@@ -86,8 +89,8 @@ def tail_candidates(bm: int) -> list[int]:
 
 def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
     """A reasonable untuned choice (used on a cache miss when tuning is off, and on CPU)."""
-    if t * k <= 16:
-        return MoEConfig("decode", 1, GemmConfig(8, 1024, 1, 8, 2), GemmConfig(8, 1024, 1, 8, 2))
+    if t * k <= 16:  # pdl: taken only where the GPU has it (ops.pdl_available); it does not change the sums
+        return MoEConfig("decode", 1, GemmConfig(8, 512, 1, 4, 2), GemmConfig(4, 128, 1, 4, 2), pdl=1)
     bm = bm_candidates(t, e, k)[-1]
     if bm <= 32:
         g = GemmConfig(64, 128, 4, 4, 4)
@@ -123,14 +126,15 @@ def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = F
 
 
 def decode_candidates(which: str) -> list[GemmConfig]:
-    """Decode-path configs: few weight rows per program and long rows per load (BK up to D or F, masked
-    when not a multiple), so each program issues a few large independent loads and many programs fit
-    on each multiprocessor."""
+    """Decode-path configs: few weight rows per program, loads of 256-1024 bytes per row, the next tile
+    loaded one iteration ahead (decode.py), so many programs each keep two tiles in flight. On the H200
+    (session 6) w13 won at BN 4-8 x BK 512 and w2 at BK 128 (its [KP, BN, BK] tile spans all K experts:
+    KP * BN * BK <= 32K values keeps it in registers) on every benchmark shape."""
     if which == "gemm1":
-        return [GemmConfig(4, 2048, 1, 8, 2), GemmConfig(8, 1024, 1, 8, 2), GemmConfig(4, 1024, 1, 4, 2),
-                GemmConfig(16, 512, 1, 8, 2), GemmConfig(32, 256, 1, 4, 3), GemmConfig(8, 512, 1, 4, 3)]
-    return [GemmConfig(4, 1024, 1, 4, 2), GemmConfig(8, 1024, 1, 8, 2), GemmConfig(4, 2048, 1, 8, 2),
-            GemmConfig(16, 512, 1, 8, 2), GemmConfig(16, 256, 1, 4, 3), GemmConfig(8, 256, 1, 4, 3)]
+        return [GemmConfig(8, 512, 1, 4, 2), GemmConfig(4, 512, 1, 4, 2), GemmConfig(8, 256, 1, 4, 2),
+                GemmConfig(16, 256, 1, 8, 2), GemmConfig(2, 1024, 1, 4, 2), GemmConfig(16, 128, 1, 4, 2)]
+    return [GemmConfig(4, 128, 1, 4, 2), GemmConfig(8, 128, 1, 4, 2), GemmConfig(2, 128, 1, 4, 2),
+            GemmConfig(4, 256, 1, 4, 2), GemmConfig(4, 64, 1, 4, 2), GemmConfig(8, 256, 1, 8, 2)]
 
 
 def fused(bf: int, bk: int, bd: int, num_warps: int, num_stages: int) -> MoEConfig:

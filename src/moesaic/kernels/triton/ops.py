@@ -205,6 +205,12 @@ def forward_grouped(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig, save: b
     return y, ((al, act, h, o) if save else None)
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled Triton on a Hopper-or-newer GPU (MOESAIC_TRITON_PDL=0: off)."""
+    return (device.type == "cuda" and not _interpreting() and os.environ.get("MOESAIC_TRITON_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch.Tensor:
     t, d, e, f, k = _dims(x_TD, w13_EGD, ids_TK)
     ids_N = ids_TK.reshape(-1)
@@ -213,12 +219,15 @@ def forward_decode(x_TD, w13_EGD, w2_EDF, ids_TK, w_TK, cfg: MoEConfig) -> torch
     if t == 0:
         return y
     g1, g2 = cfg.gemm1, cfg.gemm2
+    pdl = bool(cfg.pdl) and pdl_available(x_TD.device)
     launcher(dk.decode_w13_kernel)((t * k, triton.cdiv(f, g1.bn)),
         x_TD, w13_EGD, ids_N, act, d, f, e, k, x_TD.stride(0), w13_EGD.stride(0), w13_EGD.stride(1),
-        BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, num_warps=g1.num_warps, num_stages=g1.num_stages)
+        BN=g1.bn, BK=g1.bk, EVEN_K=d % g1.bk == 0, PDL=pdl, num_warps=g1.num_warps, num_stages=g1.num_stages,
+        launch_pdl=pdl)
     launcher(dk.decode_w2_kernel)((t, triton.cdiv(d, g2.bn)),
         act, w2_EDF, ids_N, w_TK.reshape(-1), y, d, f, e, w2_EDF.stride(0), w2_EDF.stride(1), y.stride(0),
-        TOPK=k, BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, num_warps=g2.num_warps, num_stages=g2.num_stages)
+        TOPK=k, KP=triton.next_power_of_2(k), BN=g2.bn, BK=g2.bk, EVEN_K=f % g2.bk == 0, PDL=pdl,
+        num_warps=g2.num_warps, num_stages=g2.num_stages, launch_pdl=pdl)
     return y
 
 
