@@ -26,7 +26,8 @@ from moesaic.kernels.triton import launch
 from moesaic.kernels.triton.launch import MoEConfig
 
 PACKAGED_DIR = Path(__file__).parent / "configs"
-GRAPH_CALLS = 5  # calls per timed CUDA graph (_time_us)
+GRAPH_CALLS = 5  # calls per timed CUDA graph (_time_us) up to GRAPH_CALLS_MAX_PAIRS (token, expert) pairs; 1 beyond,
+GRAPH_CALLS_MAX_PAIRS = 1024  # where a call takes long enough (>~0.3 ms) for a graph launch not to matter
 DECODE_MAX_PAIRS = 64  # the decode and fused paths are considered only up to this many (token, expert) pairs
 _MEMO: dict[tuple[str, str], MoEConfig] = {}
 _TABLES: dict[Path, dict] = {}
@@ -172,13 +173,14 @@ def _time_us(cfg: MoEConfig, args, ref=None, tol: float = 2e-2, log: list | None
         # engine's captured step), per call; host launch cost and the graph's own launch do not depend on the
         # config. Each call routes differently (like another layer: other experts, so no L2 reuse between them).
         t, e, k = args[0].shape[0], args[1].shape[0], args[3].shape[1]
+        calls = GRAPH_CALLS if t * k <= GRAPH_CALLS_MAX_PAIRS else 1
         routings = [(args[3], args[4])] + [random_routing(t, e, k, args[0].device, seed=1000 + i)
-                                            for i in range(1, GRAPH_CALLS)]
+                                            for i in range(1, calls)]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for ids, w in routings:
                 fn(ids, w)
-        us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") / GRAPH_CALLS
+        us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median") / calls
         note = None
     except Exception as exc:  # a config the chip cannot run (shared memory, registers) is skipped
         torch.cuda.synchronize()
