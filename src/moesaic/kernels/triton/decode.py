@@ -13,7 +13,9 @@ weights are read twice; the autotuner weighs that against the grouped path's ext
 
 Bytes in flight: Triton does not software-pipeline loops without tl.dot, so both kernels load their
 next tile one iteration ahead by hand, and decode_w2 loads the tiles of all K experts of its rows at
-once (one [KP, BN, BK] load), not one expert after the other.
+once (one [KP, BN, BK] load), not one expert after the other. Both reduce each tile as it arrives
+(per-row fp32 sums, not [BN, BK] accumulators): fewer registers a program, more programs resident
+(H200, 10-call graphs: Qwen3 T = 1 23.3 -> 22.7 us, DeepSeek-V3 171.6 -> 168.6 us).
 
 PDL (programmatic dependent launch, Hopper; `pdl` in the config): decode_w13 waits for the kernel
 before it (the router) with `gdc_wait` before it reads anything, then lets its dependent start;
@@ -67,8 +69,8 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, 
             x = tl.load(x_ptrs, mask=ks < D, other=0.0)
             g = tl.load(g_ptrs, mask=(ks < D)[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=(ks < D)[None, :], other=0.0)
-        acc_g = tl.zeros((BN, BK), dtype=tl.float32)
-        acc_u = tl.zeros((BN, BK), dtype=tl.float32)
+        acc_g = tl.zeros((BN,), dtype=tl.float32)
+        acc_u = tl.zeros((BN,), dtype=tl.float32)
         for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
             x_ptrs += BK
             g_ptrs += BK
@@ -83,12 +85,12 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, 
                 g_nx = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
                 u_nx = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
             xf = x.to(tl.float32)[None, :]
-            acc_g += g.to(tl.float32) * xf
-            acc_u += u.to(tl.float32) * xf
+            acc_g += tl.sum(g.to(tl.float32) * xf, axis=1)
+            acc_u += tl.sum(u.to(tl.float32) * xf, axis=1)
             x, g, u = x_nx, g_nx, u_nx
         xf = x.to(tl.float32)[None, :]
-        hg = tl.sum(acc_g + g.to(tl.float32) * xf, axis=1)
-        hu = tl.sum(acc_u + u.to(tl.float32) * xf, axis=1)
+        hg = acc_g + tl.sum(g.to(tl.float32) * xf, axis=1)
+        hu = acc_u + tl.sum(u.to(tl.float32) * xf, axis=1)
         act = hg * tl.sigmoid(hg) * hu
         tl.store(act_ptr + n.to(tl.int64) * F + cols, act, mask=cols < F)
 

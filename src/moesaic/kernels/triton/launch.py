@@ -90,7 +90,7 @@ def tail_candidates(bm: int) -> list[int]:
 def heuristic(t: int, d: int, f: int, e: int, k: int) -> MoEConfig:
     """A reasonable untuned choice (used on a cache miss when tuning is off, and on CPU)."""
     if t * k <= 16:  # pdl: taken only where the GPU has it (ops.pdl_available); it does not change the sums
-        return MoEConfig("decode", 1, GemmConfig(8, 512, 1, 4, 2), GemmConfig(4, 128, 1, 4, 2), pdl=1)
+        return MoEConfig("decode", 1, GemmConfig(8, 256, 1, 4, 2), GemmConfig(4, 128, 1, 4, 2), pdl=1)
     bm = bm_candidates(t, e, k)[-1]
     if bm <= 32:
         g = GemmConfig(64, 128, 4, 4, 4)
@@ -128,11 +128,11 @@ def gemm_candidates(bm: int, which: str, tma: bool = False, persistent: bool = F
 def decode_candidates(which: str) -> list[GemmConfig]:
     """Decode-path configs: few weight rows per program, loads of 256-1024 bytes per row, the next tile
     loaded one iteration ahead (decode.py), so many programs each keep two tiles in flight. On the H200
-    (session 6) w13 won at BN 4-8 x BK 512 and w2 at BK 128 (its [KP, BN, BK] tile spans all K experts:
+    (session 6) w13 won at BN 4-16 x BK 128-512 and w2 at BK 64-128 (its [KP, BN, BK] tile spans all K experts:
     KP * BN * BK <= 32K values keeps it in registers) on every benchmark shape."""
     if which == "gemm1":
-        return [GemmConfig(8, 512, 1, 4, 2), GemmConfig(4, 512, 1, 4, 2), GemmConfig(8, 256, 1, 4, 2),
-                GemmConfig(16, 256, 1, 8, 2), GemmConfig(2, 1024, 1, 4, 2), GemmConfig(16, 128, 1, 4, 2)]
+        return [GemmConfig(8, 256, 1, 4, 2), GemmConfig(4, 256, 1, 2, 2), GemmConfig(16, 256, 1, 4, 2),
+                GemmConfig(8, 128, 1, 4, 2), GemmConfig(4, 512, 1, 4, 2), GemmConfig(16, 128, 1, 8, 2)]
     return [GemmConfig(4, 128, 1, 4, 2), GemmConfig(8, 128, 1, 4, 2), GemmConfig(2, 128, 1, 4, 2),
             GemmConfig(4, 256, 1, 4, 2), GemmConfig(4, 64, 1, 4, 2), GemmConfig(8, 256, 1, 8, 2)]
 
