@@ -1,0 +1,253 @@
+"""The engine's batch-1 CPU decode step as one C program: every kernel call of the step recorded once, then run
+back to back by one ctypes call (`kernels.cpu_program`), with no Python module between them.
+
+Why: the module-by-module batch-1 step of the fine-grained benchmark model makes ~20 C kernel calls a layer, each
+reached through nn.Module calls, kernel-selection checks, tensor allocations and ctypes argument conversion: ~1.2
+ms of Python a step (py-spy, session 5), a quarter of a W8A8 step. Here `FastStep.decode(token, slot, k)` writes
+the token, slot and position into a small buffer, runs the program, and returns the logits.
+
+What it records per layer, each the kernel (and arguments) that the switched modules of `prepare_cpu_weights` call
+for one row: RMS norm (`cpu_norm`) -> q/k/v GEMVs (`cpu_gemv`, or W8A8 `cpu_q8`) -> per-head q/k norms ->
+rotary + KV write + attention (`cpu_attention`) -> o GEMV -> residual add -> RMS norm -> router (`cpu_router`) ->
+the K experts (`cpu_experts` / `cpu_q8`, split over the C worker as there) and their weighted sum -> residual add;
+then the final norm, the LM head and the cache length's advance. Hence the same bits as that path (tested). The
+router's give-up at a near-tie stops the program; the model's own torch router then chooses, and the program
+resumes after the router op.
+
+It applies (`FastStep.build` says why not, else) to a CPU fp32 / bf16 model after `prepare_cpu_weights` with onednn,
+whose every layer is a plain MoE block (`CpuDecodeAttention` with full rotary and qk-norm none / per head, no
+biases or clipping; a `CpuSoftmaxTopK` / ungrouped `CpuSigmoidTopK` router without capacity; float experts on the
+`onednn` backend, or W8A8 int8 experts; no shared experts), linears that take the C GEMVs (`OneDNNLinear` of
+>= 64 Ki weights) or W8A8 `Int8Linear`s on fp32 activations, and a slot cache of separate k / v buffers in the
+activations' dtype. Otherwise (and for batches > 1, CUDA, or with MOESAIC_FAST_STEP=0) the engine runs the
+model's forward. The recorded pointers are a snapshot of the weights when the engine starts (the program keeps
+them alive): change weights in place only, or build a new engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from moesaic.inference.cpu_attention import CpuDecodeAttention
+from moesaic.inference.cpu_norms import CpuRMSNorm
+from moesaic.inference.cpu_router import CpuSigmoidTopK, CpuSoftmaxTopK, _CRouting
+from moesaic.kernels import (
+    cpu_attention,
+    cpu_experts,
+    cpu_gemv,
+    cpu_norm,
+    cpu_pool,
+    cpu_program,
+    cpu_q8,
+    cpu_router,
+)
+from moesaic.kernels.onednn import _ONEDNN_MIN_WEIGHT
+from moesaic.kernels.quant import Int8Linear, Int8Weight, OneDNNLinear
+
+ENABLED = os.environ.get("MOESAIC_FAST_STEP", "1") != "0"  # 0: the module-by-module step (A/B runs)
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _linear_why_not(mod, dt: torch.dtype) -> str | None:
+    if type(mod) is Int8Linear:
+        ok = mod.act_block is not None and dt == torch.float32 and mod.bias is None and mod.weight.stride(1) == 1
+        return None if ok and cpu_q8.available() else "an int8 linear that is not W8A8 on fp32 activations"
+    w = getattr(mod, "weight", None)
+    if (type(mod) is not OneDNNLinear or mod.bias is not None or w.dtype != dt or w.stride(1) != 1
+            or w.numel() < _ONEDNN_MIN_WEIGHT):
+        return "a linear that the C GEMV does not take (bias, dtype, size or layout)"
+    return None
+
+
+def _norm_why_not(mod, dt: torch.dtype) -> str | None:
+    if type(mod) is not CpuRMSNorm or mod.weight.dtype != dt or not mod.weight.is_contiguous():
+        return "a norm that is not the C RMS norm"
+    return None
+
+
+def _block_why_not(blk, dt: torch.dtype) -> str | None:
+    attn, ffn = blk.attn, blk.ffn
+    if not blk.is_moe or ffn.shared is not None:
+        return "dense or shared-expert FFN"
+    if type(attn) is not CpuDecodeAttention or attn.clip is not None or attn.qk_norm not in ("none", "head") \
+            or attn.hd % 2 or attn.rope.inv_freq.shape[0] * 2 != attn.hd:
+        return "attention other than full-rotary GQA without clipping"
+    r = ffn.router
+    if type(r) not in (CpuSoftmaxTopK, CpuSigmoidTopK) or r.capacity_factor is not None or r._c_kind() is None \
+            or r.weight.dtype not in _DTYPES or not r.weight.is_contiguous():
+        return "a router the C router does not take"
+    w13, w2 = ffn.experts.w13, ffn.experts.w2
+    if isinstance(w13, Int8Weight):
+        if w13.act_block is None or ffn.backend not in ("int8", "auto") or not cpu_q8.available():
+            return "int8 experts that are not W8A8"
+    elif ffn.backend != "onednn" or w13.dtype != dt or w2.dtype != dt:
+        return "float experts not on the onednn backend"
+    if not all(w.dim() == 3 and w.stride(2) == 1 and w.device.type == "cpu" for w in (getattr(w13, "q", w13),
+                                                                                      getattr(w2, "q", w2))):
+        return "expert weights with strided rows"
+    mods = [attn.wq, attn.wk, attn.wv, attn.wo]
+    reasons = [_linear_why_not(m, dt) for m in mods] + [_norm_why_not(n, dt) for n in (blk.attn_norm, blk.ffn_norm)]
+    if attn.qk_norm == "head":
+        reasons += [_norm_why_not(n, dt) for n in (attn.q_norm, attn.k_norm)]
+    return next((r for r in reasons if r), None)
+
+
+def why_not(model, cache) -> str | None:
+    """None when `FastStep` can run this model and cache, else the first reason it cannot."""
+    dt = model.embed.weight.dtype
+    if model.embed.weight.device.type != "cpu" or dt not in _DTYPES:
+        return "not an fp32 / bf16 CPU model"
+    if model.training:
+        return "model in training mode"
+    if not all(k.available() for k in (cpu_program, cpu_gemv, cpu_norm, cpu_attention, cpu_router, cpu_experts)):
+        return "the C kernels cannot be built here"
+    if cache.kv is not None or cache.k.dtype != dt or cache.v.dtype != dt or cache.k.shape[-1] != cache.v.shape[-1]:
+        return "a KV cache layout the C attention does not take"
+    for blk in model.blocks:
+        why = _block_why_not(blk, dt)
+        if why:
+            return f"layer {blk.layer}: {why}"
+        if cache.k.shape[-1] != blk.attn.hd:
+            return "KV head dim differs from the attention's"
+    return _linear_why_not(model.lm_head, dt) or _norm_why_not(model.norm, dt)
+
+
+class FastStep:
+    """One program per (experts per token, two-thread split) for a model and slot cache; see the module docstring."""
+
+    def __init__(self, model, cache) -> None:
+        self.model, self.cache = model, cache
+        self.dt = model.embed.weight.dtype
+        self.state = (ctypes.c_int64 * 3)()  # slot, position, token: what the program reads each step
+        n = cache.lengths.numel()
+        self._lengths = (ctypes.c_int64 * n).from_address(cache.lengths.data_ptr())
+        self._plans: dict[tuple[int, bool], _Plan] = {}
+        self._rope = _RopeTable(model.blocks[0].attn.rope, self.dt)
+        self.router_fallbacks = 0  # router calls the torch router decided (near-ties)
+
+    @classmethod
+    def build(cls, model, cache) -> FastStep | None:
+        """A FastStep when it applies (`why_not` is None) and MOESAIC_FAST_STEP is not 0, else None."""
+        if not ENABLED or why_not(model, cache) is not None:
+            return None
+        return cls(model, cache)
+
+    def decode(self, token: int, slot: int, k: int | None = None) -> torch.Tensor | None:
+        """Logits [1, V] (the model's dtype) of the next token after `token` for the request in KV `slot`, with k
+        routed experts per MoE layer (None: the trained top-k); writes the token's keys / values and advances the
+        slot's length, as the model's forward with the engine's cache view does. None (nothing done): k above
+        the C router's `MAX_K`, for the caller's usual path."""
+        pos = self._lengths[slot]
+        if pos >= self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {pos + 1} positions needed, a slot holds {self.cache.max_len}")
+        if pos >= self._rope.filled:
+            self._rope.grow(pos + 1, self.cache.max_len)
+            self._plans.clear()  # the tables moved: the programs point into them
+        key = (k, cpu_pool.split_one_row())
+        plan = self._plans.get(key)
+        if plan is None:
+            if k is not None and not 1 <= k <= cpu_router.MAX_K:
+                return None  # the C router's limit: the model's forward routes
+            plan = self._plans[key] = _Plan(self, k, key[1])
+        st = self.state
+        st[0], st[1], st[2] = slot, pos, token
+        prog = plan.program
+        at, rc = prog.run(0)
+        while at >= 0:
+            plan.handle(at, rc)
+            self.router_fallbacks += 1
+            at, rc = prog.run(prog.next_op(at))
+        return plan.logits.clone()
+
+
+class _RopeTable:
+    """cos / sin_rot rows [positions, Dh] in the activations' dtype, computed by the model's rotary module over
+    blocks of positions (the same values as one position at a time: elementwise ops; tested)."""
+
+    def __init__(self, rope, dt: torch.dtype) -> None:
+        self.rope, self.dt, self.filled = rope, dt, 0
+        self.cos = self.sin_rot = None
+
+    def grow(self, need: int, cap: int) -> None:
+        """Cover positions < need (at least doubling, at most cap): new tables."""
+        n = min(cap, max(need, 2 * self.filled, 256))
+        t = self.rope(torch.arange(n)[:, None], self.dt)
+        self.cos, self.sin_rot = t[0][:, 0].contiguous(), t.sin_rot[:, 0].contiguous()
+        self.filled = n
+
+
+class _Plan:
+    """The recorded program of one step for k experts per token, and its buffers."""
+
+    def __init__(self, fs: FastStep, k: int | None, split: bool) -> None:
+        m, cache, dt = fs.model, fs.cache, fs.dt
+        p = self.program = cpu_program.Program()
+        d = m.config.d_model
+        st = ctypes.addressof(fs.state)
+        slot, pos, tok = st, st + 8, st + 16
+
+        def buf(n: int, dtype=dt) -> torch.Tensor:
+            return torch.empty((1, n), dtype=dtype)
+
+        x, hn = buf(d), buf(d)
+        hd = m.blocks[0].attn.hd
+        cos, sinr = buf(hd), buf(hd)
+        p.keep += [fs.state, m.embed.weight, fs._rope.cos, fs._rope.sin_rot, cache.lengths]
+        row = d * x.element_size()
+        p.op("row", [m.embed.weight.data_ptr(), tok, row, x.data_ptr()])
+        for src, dst in ((fs._rope.cos, cos), (fs._rope.sin_rot, sinr)):
+            p.op("row", [src.data_ptr(), pos, hd * src.element_size(), dst.data_ptr()])
+        self._routes: dict[int, tuple] = {}
+        for blk in m.blocks:
+            a, ffn = blk.attn, blk.ffn
+            h, hkv = a.n_heads, a.n_kv
+            p.norm(x, blk.attn_norm.weight, hn, 1, blk.attn_norm.eps)
+            q, kk, v = (_linear(p, lin, hn, split) for lin in (a.wq, a.wk, a.wv))
+            if a.qk_norm == "head":
+                qn, kn = buf(h * hd), buf(hkv * hd)
+                p.norm(q, a.q_norm.weight, qn, h, a.q_norm.eps)
+                p.norm(kk, a.k_norm.weight, kn, hkv, a.k_norm.eps)
+                q, kk = qn, kn
+            ao = buf(h * hd)
+            p.attention(q, kk, v, cos, sinr, cache.k[blk.layer], cache.v[blk.layer], slot, pos, h, ao)
+            o = _linear(p, a.wo, ao, split)
+            p.op("add_f32" if dt == torch.float32 else "add_bf16", [x.data_ptr(), o.data_ptr(), d])
+            p.norm(x, blk.ffn_norm.weight, hn, 1, blk.ffn_norm.eps)
+            r = ffn.router
+            kr = r.top_k if k is None else int(k)
+            kind, bias = r._c_kind()
+            rl, ids, rw = buf(r.num_experts, torch.float32), buf(kr, torch.int64), buf(kr)
+            at = p.route(hn, r.weight, kr, kind, bias, r.normalize, float(r.scale), rl, ids, rw)
+            self._routes[at] = (r, hn, kr, ids, rw)
+            y = buf(d, torch.float32)
+            p.experts_one_token(hn, ids, rw, ffn.experts.w13, ffn.experts.w2, split, y)
+            p.op("add_f32" if dt == torch.float32 else "add_bf16_f32", [x.data_ptr(), y.data_ptr(), d])
+        p.norm(x, m.norm.weight, hn, 1, m.norm.eps)
+        self.logits = _linear(p, m.lm_head, hn, split)
+        p.op("advance", [cache.lengths.data_ptr(), slot])
+
+    def handle(self, at: int, rc: int) -> None:
+        """The op at `at` returned rc: a router that left the choice to torch (rc 1), or a kernel without memory."""
+        if at not in self._routes or rc != 1:
+            raise MemoryError(f"fast decode step: a C kernel could not allocate its scratch (op {at}, rc {rc})")
+        router, x, k, ids, rw = self._routes[at]
+        out = super(_CRouting, router).forward(x, None, k)  # the model's torch router (skips the C try)
+        ids.copy_(out.expert_ids_TK)
+        rw.copy_(out.weights_TK)
+
+
+def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """Record mod(x) for one row, split over two threads where the module path would (weights of at least
+    `cpu_pool.SPLIT_MIN_BYTES`); returns the output buffer [1, O]."""
+    if type(mod) is Int8Linear:
+        y = torch.empty((1, mod.out_features), dtype=torch.float32)
+        p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, split and mod.weight.numel() >= cpu_pool.SPLIT_MIN_BYTES)
+        return y
+    w = mod.weight
+    y = torch.empty((1, w.shape[0]), dtype=x.dtype)
+    p.gemv(x, w, y, split and w.shape[0] * w.stride(0) * w.element_size() >= cpu_pool.SPLIT_MIN_BYTES)
+    return y
+
