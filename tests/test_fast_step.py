@@ -207,3 +207,16 @@ def test_program_stops_at_a_nonzero_result_and_resumes():
     with pytest.raises(ValueError, match="at most"):
         p.add_call(0, [0] * (cpu_program.MAX_ARGS + 1))
     assert ctypes.sizeof(ctypes.c_int64) == 8
+
+
+def test_forward_hooks_run_on_the_module_path():
+    """A module with forward hooks (routing traces, decode.py's expert counter) makes the step take the model's
+    forward, which runs them; removing the hook brings the fast step back."""
+    eng = engine_of(model_of(), max_batch=1)
+    seen = []
+    h = eng.model.blocks[1].ffn.register_forward_hook(lambda m, a, o: seen.append(o[1].expert_ids_TK.shape))
+    toks, _ = run(eng, prompts_of([5]), 6, on=True)
+    assert len(seen) == 6  # the prefill and the 5 decode steps
+    h.remove()
+    calls = count_calls(eng.fast_step)
+    assert run(eng, prompts_of([5]), 6, on=True)[0] == toks and calls[0] == 5

@@ -19,8 +19,8 @@ whose every layer is a plain MoE block (`CpuDecodeAttention` with full rotary an
 biases or clipping; a `CpuSoftmaxTopK` / ungrouped `CpuSigmoidTopK` router without capacity; float experts on the
 `onednn` backend, or W8A8 int8 experts; no shared experts), linears that take the C GEMVs (`OneDNNLinear` of
 >= 64 Ki weights) or W8A8 `Int8Linear`s on fp32 activations, and a slot cache of separate k / v buffers in the
-activations' dtype. Otherwise (and for batches > 1, CUDA, or with MOESAIC_FAST_STEP=0) the engine runs the
-model's forward. The recorded pointers are a snapshot of the weights when the engine starts (the program keeps
+activations' dtype. Otherwise (and for batches > 1, CUDA, while a module has forward hooks, or with
+MOESAIC_FAST_STEP=0) the engine runs the model's forward. The recorded pointers are a snapshot of the weights when the engine starts (the program keeps
 them alive): change weights in place only, or build a new engine.
 """
 
@@ -30,6 +30,7 @@ import ctypes
 import os
 
 import torch
+from torch.nn.modules import module as _module
 
 from moesaic.inference.cpu_attention import CpuDecodeAttention
 from moesaic.inference.cpu_norms import CpuRMSNorm
@@ -127,6 +128,8 @@ class FastStep:
         self._plans: dict[tuple[int, bool], _Plan] = {}
         self._rope = _RopeTable(model.blocks[0].attn.rope, self.dt)
         self.router_fallbacks = 0  # router calls the torch router decided (near-ties)
+        # forward (pre-)hooks on any module would not run inside the program: then the model's forward runs
+        self._hooks = [h for mod in model.modules() for h in (mod._forward_hooks, mod._forward_pre_hooks)]
 
     @classmethod
     def build(cls, model, cache) -> FastStep | None:
@@ -139,7 +142,10 @@ class FastStep:
         """Logits [1, V] (the model's dtype) of the next token after `token` for the request in KV `slot`, with k
         routed experts per MoE layer (None: the trained top-k); writes the token's keys / values and advances the
         slot's length, as the model's forward with the engine's cache view does. None (nothing done): k above
-        the C router's `MAX_K`, for the caller's usual path."""
+        the C router's `MAX_K`, or forward hooks registered on a module (or globally), for the caller's usual path,
+        which runs them."""
+        if any(self._hooks) or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
         pos = self._lengths[slot]
         if pos >= self.cache.max_len:
             raise ValueError(f"KV cache overflow: {pos + 1} positions needed, a slot holds {self.cache.max_len}")
