@@ -220,3 +220,19 @@ def test_forward_hooks_run_on_the_module_path():
     h.remove()
     calls = count_calls(eng.fast_step)
     assert run(eng, prompts_of([5]), 6, on=True)[0] == toks and calls[0] == 5
+
+
+@pytest.mark.parametrize("prec", ["fp32", "bf16", "w8a8"])
+def test_two_threads_split_over_the_c_worker(prec):
+    """At two torch threads the program hands half of every linear and of the experts to the C worker (what the
+    tests' single thread never does): still bitwise the module path (whose splits are bitwise one thread's)."""
+    from moesaic.kernels import cpu_pool
+
+    torch.set_num_threads(2)  # conftest restores it
+    if not cpu_pool.split_one_row():
+        pytest.skip("no C worker split here")
+    eng = engine_of(model_of(prec=prec, qk_norm="head"), prec, max_batch=1)
+    fast_toks, fast_logits = run(eng, prompts_of([6]), 8, on=True)
+    assert list(eng.fast_step._plans) == [(None, True)]
+    plain_toks, plain_logits = run(eng, prompts_of([6]), 8, on=False)
+    assert fast_toks == plain_toks and all(torch.equal(a, b) for a, b in zip(fast_logits, plain_logits))

@@ -50,6 +50,11 @@ from moesaic.kernels.quant import Int8Linear, Int8Weight, OneDNNLinear
 
 ENABLED = os.environ.get("MOESAIC_FAST_STEP", "1") != "0"  # 0: the module-by-module step (A/B runs)
 _DTYPES = (torch.float32, torch.bfloat16)
+# One-row linears of at least this many weight bytes split over the C worker. The module path splits only the LM
+# head (`cpu_pool.SPLIT_MIN_BYTES`, 8 MiB): with Python between the calls the 1-4 MB attention weights lost. In a
+# program the worker spins between the calls, and splitting them all measured 0.99-1.15x a step (fine-64x8 fp32 /
+# bf16 / W8A8, coarse-8x2 1.02-1.07x; same-process A/B, benchmarks/README.md).
+SPLIT_MIN_BYTES = 1 << 16
 
 
 def _linear_why_not(mod, dt: torch.dtype) -> str | None:
@@ -119,8 +124,11 @@ def why_not(model, cache) -> str | None:
 class FastStep:
     """One program per (experts per token, two-thread split) for a model and slot cache; see the module docstring."""
 
-    def __init__(self, model, cache) -> None:
+    def __init__(self, model, cache, split_min_bytes: int | None = None) -> None:
+        """split_min_bytes: one-row linears with at least this many weight bytes (int8: elements) split their rows
+        over the C worker (None: `SPLIT_MIN_BYTES`)."""
         self.model, self.cache = model, cache
+        self.split_min_bytes = SPLIT_MIN_BYTES if split_min_bytes is None else split_min_bytes
         self.dt = model.embed.weight.dtype
         self.state = (ctypes.c_int64 * 3)()  # slot, position, token: what the program reads each step
         n = cache.lengths.numel()
@@ -211,7 +219,7 @@ class _Plan:
             a, ffn = blk.attn, blk.ffn
             h, hkv = a.n_heads, a.n_kv
             p.norm(x, blk.attn_norm.weight, hn, 1, blk.attn_norm.eps)
-            q, kk, v = (_linear(p, lin, hn, split) for lin in (a.wq, a.wk, a.wv))
+            q, kk, v = (_linear(p, lin, hn, split, fs.split_min_bytes) for lin in (a.wq, a.wk, a.wv))
             if a.qk_norm == "head":
                 qn, kn = buf(h * hd), buf(hkv * hd)
                 p.norm(q, a.q_norm.weight, qn, h, a.q_norm.eps)
@@ -219,7 +227,7 @@ class _Plan:
                 q, kk = qn, kn
             ao = buf(h * hd)
             p.attention(q, kk, v, cos, sinr, cache.k[blk.layer], cache.v[blk.layer], slot, pos, h, ao)
-            o = _linear(p, a.wo, ao, split)
+            o = _linear(p, a.wo, ao, split, fs.split_min_bytes)
             p.op("add_f32" if dt == torch.float32 else "add_bf16", [x.data_ptr(), o.data_ptr(), d])
             p.norm(x, blk.ffn_norm.weight, hn, 1, blk.ffn_norm.eps)
             r = ffn.router
@@ -232,7 +240,7 @@ class _Plan:
             p.experts_one_token(hn, ids, rw, ffn.experts.w13, ffn.experts.w2, split, y)
             p.op("add_f32" if dt == torch.float32 else "add_bf16_f32", [x.data_ptr(), y.data_ptr(), d])
         p.norm(x, m.norm.weight, hn, 1, m.norm.eps)
-        self.logits = _linear(p, m.lm_head, hn, split)
+        self.logits = _linear(p, m.lm_head, hn, split, fs.split_min_bytes)
         p.op("advance", [cache.lengths.data_ptr(), slot])
 
     def handle(self, at: int, rc: int) -> None:
@@ -245,15 +253,15 @@ class _Plan:
         rw.copy_(out.weights_TK)
 
 
-def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool) -> torch.Tensor:
-    """Record mod(x) for one row, split over two threads where the module path would (weights of at least
-    `cpu_pool.SPLIT_MIN_BYTES`); returns the output buffer [1, O]."""
+def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool, min_bytes: int) -> torch.Tensor:
+    """Record mod(x) for one row, split over two threads (when split) for weights of at least min_bytes (int8: that
+    many elements, as `quant.int8_linear` counts); returns the output buffer [1, O]."""
     if type(mod) is Int8Linear:
         y = torch.empty((1, mod.out_features), dtype=torch.float32)
-        p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, split and mod.weight.numel() >= cpu_pool.SPLIT_MIN_BYTES)
+        p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, split and mod.weight.numel() >= min_bytes)
         return y
     w = mod.weight
     y = torch.empty((1, w.shape[0]), dtype=x.dtype)
-    p.gemv(x, w, y, split and w.shape[0] * w.stride(0) * w.element_size() >= cpu_pool.SPLIT_MIN_BYTES)
+    p.gemv(x, w, y, split and w.shape[0] * w.stride(0) * w.element_size() >= min_bytes)
     return y
 

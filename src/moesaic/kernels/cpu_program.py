@@ -106,10 +106,10 @@ class Program:
         fn = getattr(lib, cpu_gemv._KERNELS[x.dtype])
         o, i = w.shape
         ld, es = w.stride(0), w.element_size()
-        if not split:
+        cut = (o // 2) & ~15
+        if not split or cut == 0:
             self.add_call(fn, [ptr(x), ptr(w), ptr(y), o, i, ld])
             return
-        cut = (o // 2) & ~15
         self.run2(fn, [ptr(x), ptr(w), ptr(y), cut, i, ld],
                   [ptr(x), ptr(w) + cut * ld * es, ptr(y) + cut * y.element_size(), o - cut, i, ld])
 
