@@ -9,6 +9,9 @@ engine per (shape, precision) at max_batch=1 and 2 threads. Each round generates
 the median decode-step time of each path over all its rounds' steps (after each run's first two), the ratio,
 whether the greedy tokens agree, and how often the C router left the choice to torch. OMP_WAIT_POLICY=PASSIVE and
 THP_MEM_ALLOC_ENABLE=1 unless the environment sets them (as decode.py).
+
+--against-split BYTES: the "plain" side is a second fast step whose one-row linears split over the C worker only from
+BYTES of weight (8388608: the module path's rule, the LM head only) instead of the module path.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def timed_run(eng: Engine, prompt: list[int], n: int) -> tuple[list[float], list
     return steps[2:], req.output_ids
 
 
-def ab(shape: str, prec: str, rounds: int, new_tokens: int) -> dict:
+def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SHAPES[shape])).eval()
     kw = {}
@@ -57,12 +60,15 @@ def ab(shape: str, prec: str, rounds: int, new_tokens: int) -> dict:
         from moesaic.inference.fast_step import why_not
 
         raise SystemExit(f"{shape} {prec}: no fast step ({why_not(eng.model, eng.cache)})")
+    from moesaic.inference.fast_step import FastStep
+
+    other = None if against_split is None else FastStep(eng.model, eng.cache, split_min_bytes=against_split)
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     times: dict[bool, list[float]] = {True: [], False: []}
     toks: dict[bool, list[int]] = {}
     for i in range(rounds):
         for on in ((True, False) if i % 2 == 0 else (False, True)):
-            eng.fast_step = fast if on else None
+            eng.fast_step = fast if on else other
             s, toks[on] = timed_run(eng, prompt, new_tokens)
             times[on] += s
     eng.fast_step = fast
@@ -82,12 +88,13 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "w8a8"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--against-split", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     for shape in args.shapes:
         for prec in args.precisions:
-            ab(shape, prec, args.rounds, args.new_tokens)
+            ab(shape, prec, args.rounds, args.new_tokens, args.against_split)
 
 
 if __name__ == "__main__":
