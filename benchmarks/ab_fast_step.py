@@ -12,6 +12,8 @@ THP_MEM_ALLOC_ENABLE=1 unless the environment sets them (as decode.py).
 
 --against-split BYTES: the "plain" side is a second fast step whose one-row linears split over the C worker only from
 BYTES of weight (8388608: the module path's rule, the LM head only) instead of the module path.
+--against-no-steal: the "plain" side is the same fast step with `cpu_pool.set_steal(False)` (the caller always waits
+for the C worker to run its half). --busy: a competing process spins on one core throughout (another job on the VM).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 from decode import INT8, SHAPES  # noqa: E402
 
 from moesaic import Engine, ModelConfig, SamplingParams, build_model  # noqa: E402
+from moesaic.kernels import cpu_pool  # noqa: E402
 
 
 def timed_run(eng: Engine, prompt: list[int], n: int) -> tuple[list[float], list[int]]:
@@ -45,7 +49,8 @@ def timed_run(eng: Engine, prompt: list[int], n: int) -> tuple[list[float], list
     return steps[2:], req.output_ids
 
 
-def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int | None = None) -> dict:
+def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int | None = None,
+       against_no_steal: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SHAPES[shape])).eval()
     kw = {}
@@ -63,12 +68,16 @@ def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int |
     from moesaic.inference.fast_step import FastStep
 
     other = None if against_split is None else FastStep(eng.model, eng.cache, split_min_bytes=against_split)
+    if against_no_steal:
+        other = fast
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     times: dict[bool, list[float]] = {True: [], False: []}
     toks: dict[bool, list[int]] = {}
     for i in range(rounds):
         for on in ((True, False) if i % 2 == 0 else (False, True)):
             eng.fast_step = fast if on else other
+            if against_no_steal:
+                cpu_pool.set_steal(on)
             s, toks[on] = timed_run(eng, prompt, new_tokens)
             times[on] += s
     eng.fast_step = fast
@@ -89,12 +98,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--against-split", type=int, default=None)
+    ap.add_argument("--against-no-steal", action="store_true")
+    ap.add_argument("--busy", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
-    for shape in args.shapes:
-        for prec in args.precisions:
-            ab(shape, prec, args.rounds, args.new_tokens, args.against_split)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        for shape in args.shapes:
+            for prec in args.precisions:
+                ab(shape, prec, args.rounds, args.new_tokens, args.against_split, args.against_no_steal)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
 
 
 if __name__ == "__main__":
