@@ -20,17 +20,24 @@ SHAPE = dict(vocab_size=512, d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, m
              top_k=4, expert_ffn=128, ffn=256)
 
 
+# decode.py's precisions: (quantize scheme, quantize_linears, dtype of the rest)
+PRECS = {"fp32": (None, False, torch.float32), "bf16": (None, False, torch.bfloat16),
+         "w8a8": ("w8a8", True, torch.float32), "int8": ("int8", False, torch.bfloat16),
+         "int8-all": ("int8", True, torch.float32)}
+
+
 def model_of(seed=0, prec="fp32", **over):
     torch.manual_seed(seed)
     m = build_model(ModelConfig(**dict(SHAPE, **over))).eval()
     with torch.no_grad():
         m.lm_head.weight.mul_(20.0)  # sharper logits: greedy choices far from ties
-    return m.to(torch.bfloat16) if prec == "bf16" else m
+    return m.to(PRECS[prec][2])
 
 
 def engine_of(model, prec="fp32", **kw):
-    if prec == "w8a8":
-        kw.update(quantize="w8a8", quantize_linears=True)
+    scheme, linears, _ = PRECS[prec]
+    if scheme is not None:
+        kw.update(quantize=scheme, quantize_linears=linears)
     return Engine(model, **kw)
 
 
@@ -70,7 +77,7 @@ def count_calls(fs):
     return calls
 
 
-@pytest.mark.parametrize("prec", ["fp32", "bf16", "w8a8"])
+@pytest.mark.parametrize("prec", list(PRECS))
 @pytest.mark.parametrize("variant", [{}, dict(qk_norm="head"), dict(normalize_topk=False),
                                      dict(router="sigmoid_topk", routed_scaling_factor=2.5)])
 def test_bitwise_equal_to_module_path(prec, variant):
@@ -183,8 +190,8 @@ def test_not_applicable(over, why):
 def test_other_backends_and_switch_off(monkeypatch):
     eng = engine_of(model_of(), max_batch=1, backend="sorted")
     assert eng.fast_step is None and "onednn" in fast_step.why_not(eng.model, eng.cache)
-    eng = engine_of(model_of(prec="bf16"), max_batch=1, quantize="int8")  # weight-only int8 experts
-    assert eng.fast_step is None and "W8A8" in fast_step.why_not(eng.model, eng.cache)
+    eng = engine_of(model_of(prec="bf16"), max_batch=1, quantize="int8", quantize_linears=True)
+    assert eng.fast_step is None and "bf16 activations" in fast_step.why_not(eng.model, eng.cache)
     monkeypatch.setattr(fast_step, "ENABLED", False)
     assert engine_of(model_of(), max_batch=1).fast_step is None
 
@@ -222,7 +229,7 @@ def test_forward_hooks_run_on_the_module_path():
     assert run(eng, prompts_of([5]), 6, on=True)[0] == toks and calls[0] == 5
 
 
-@pytest.mark.parametrize("prec", ["fp32", "bf16", "w8a8"])
+@pytest.mark.parametrize("prec", list(PRECS))
 def test_two_threads_split_over_the_c_worker(prec):
     """At two torch threads the program hands half of every linear and of the experts to the C worker (what the
     tests' single thread never does): still bitwise the module path (whose splits are bitwise one thread's)."""

@@ -17,11 +17,12 @@ resumes after the router op.
 It applies (`FastStep.build` says why not, else) to a CPU fp32 / bf16 model after `prepare_cpu_weights` with onednn,
 whose every layer is a plain MoE block (`CpuDecodeAttention` with full rotary and qk-norm none / per head, no
 biases or clipping; a `CpuSoftmaxTopK` / ungrouped `CpuSigmoidTopK` router without capacity; float experts on the
-`onednn` backend, or W8A8 int8 experts; no shared experts), linears that take the C GEMVs (`OneDNNLinear` of
->= 64 Ki weights) or W8A8 `Int8Linear`s on fp32 activations, and a slot cache of separate k / v buffers in the
-activations' dtype. Otherwise (and for batches > 1, CUDA, while a module has forward hooks, or with
-MOESAIC_FAST_STEP=0) the engine runs the model's forward. The recorded pointers are a snapshot of the weights when the engine starts (the program keeps
-them alive): change weights in place only, or build a new engine.
+`onednn` backend, or int8 experts, W8A8 or weight-only; no shared experts), linears that take the C GEMVs
+(`OneDNNLinear` of >= 64 Ki weights) or `Int8Linear`s (W8A8 or weight-only) on fp32 activations, and a slot cache
+of separate k / v buffers in the activations' dtype. Otherwise (and for batches > 1, CUDA, while a module has
+forward hooks, or with MOESAIC_FAST_STEP=0) the engine runs the model's forward. The recorded pointers are a
+snapshot of the weights when the engine starts (the program keeps them alive): change weights in place only, or
+build a new engine.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ SPLIT_MIN_BYTES = 1 << 16
 
 def _linear_why_not(mod, dt: torch.dtype) -> str | None:
     if type(mod) is Int8Linear:
-        ok = mod.act_block is not None and dt == torch.float32 and mod.bias is None and mod.weight.stride(1) == 1
-        return None if ok and cpu_q8.available() else "an int8 linear that is not W8A8 on fp32 activations"
+        ok = dt == torch.float32 and mod.bias is None and mod.weight.stride(1) == 1
+        return None if ok else "an int8 linear with a bias or on bf16 activations"
     w = getattr(mod, "weight", None)
     if (type(mod) is not OneDNNLinear or mod.bias is not None or w.dtype != dt or w.stride(1) != 1
             or w.numel() < _ONEDNN_MIN_WEIGHT):
@@ -87,8 +88,8 @@ def _block_why_not(blk, dt: torch.dtype) -> str | None:
         return "a router the C router does not take"
     w13, w2 = ffn.experts.w13, ffn.experts.w2
     if isinstance(w13, Int8Weight):
-        if w13.act_block is None or ffn.backend not in ("int8", "auto") or not cpu_q8.available():
-            return "int8 experts that are not W8A8"
+        if ffn.backend not in ("int8", "auto"):
+            return "int8 experts on a backend other than int8"
     elif ffn.backend != "onednn" or w13.dtype != dt or w2.dtype != dt:
         return "float experts not on the onednn backend"
     if not all(w.dim() == 3 and w.stride(2) == 1 and w.device.type == "cpu" for w in (getattr(w13, "q", w13),
@@ -256,9 +257,13 @@ class _Plan:
 def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool, min_bytes: int) -> torch.Tensor:
     """Record mod(x) for one row, split over two threads (when split) for weights of at least min_bytes (int8: that
     many elements, as `quant.int8_linear` counts); returns the output buffer [1, O]."""
-    if type(mod) is Int8Linear:
+    if type(mod) is Int8Linear:  # quant.int8_linear: W8A8 where cpu_q8 runs, else weight-only
         y = torch.empty((1, mod.out_features), dtype=torch.float32)
-        p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, split and mod.weight.numel() >= min_bytes)
+        big = split and mod.weight.numel() >= min_bytes
+        if mod.act_block is not None and cpu_q8.available():
+            p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, big)
+        else:
+            p.gemv_int8(x, mod.weight, mod.scale, y, big)
         return y
     w = mod.weight
     y = torch.empty((1, w.shape[0]), dtype=x.dtype)

@@ -113,6 +113,20 @@ class Program:
         self.run2(fn, [ptr(x), ptr(w), ptr(y), cut, i, ld],
                   [ptr(x), ptr(w) + cut * ld * es, ptr(y) + cut * y.element_size(), o - cut, i, ld])
 
+    def gemv_int8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, split: bool) -> None:
+        """y [1, O] fp32 = cpu_gemv.gemv_int8(x [1, I] fp32, q [O, I] int8, scale [O]) (weight-only), the rows halved
+        over the C worker when split (as cpu_gemv._rows_split cuts them)."""
+        s = scale.to(torch.float32).contiguous()
+        self._hold(x, q, s, y)
+        fn = cpu_gemv._library().moesaic_gemv_i8
+        o, i = q.shape
+        ld, cut = q.stride(0), (o // 2) & ~15
+        if not split or cut == 0:
+            self.add_call(fn, [ptr(x), ptr(q), ptr(s), ptr(y), o, i, ld])
+            return
+        self.run2(fn, [ptr(x), ptr(q), ptr(s), ptr(y), cut, i, ld],
+                  [ptr(x), ptr(q) + cut * ld, ptr(s) + cut * 4, ptr(y) + cut * 4, o - cut, i, ld])
+
     def run2(self, fn, args_main: list[int], args_worker: list[int]) -> None:
         """fn(*args_worker) on the C worker thread while fn(*args_main) runs on the caller's (`cpu_pool.run2`)."""
         lib = cpu_pool._library()
@@ -177,8 +191,8 @@ class Program:
     def experts_one_token(self, x, ids, weights, w13, w2, split: bool, out) -> None:
         """out [1, D] fp32 = the fp32 sum that cpu_experts.one_token computes (before its cast) for x [1, D] and the
         router's ids [1, K] int64 / weights [1, K] (fp32 or bf16, read when the ops run; ids >= 0). w13 / w2: float
-        tensors of x's dtype, or W8A8 `quant.Int8Weight`s (act_block set). Splits the experts over the C worker
-        when split, at the point cpu_experts._split picks."""
+        tensors of x's dtype, or `quant.Int8Weight`s (W8A8 when act_block is set and `cpu_q8` is available, else
+        weight-only). Splits the experts over the C worker when split, at the point cpu_experts._split picks."""
         k, d = ids.shape[1], x.shape[1]
         f = w13.shape[1] // 2
         groups = torch.empty(3 * k, dtype=torch.int64)
@@ -188,7 +202,7 @@ class Program:
         self._hold(x, ids, weights, groups, wk, y, h, out)
         self.op("groups", [ptr(ids), k, ptr(groups), ptr(weights), int(weights.dtype == torch.bfloat16), ptr(wk)])
         block = getattr(w13, "act_block", None)
-        if block is not None:  # W8A8: cpu_q8.run_experts
+        if block is not None and cpu_q8.available():  # W8A8: cpu_q8.run_experts
             q13, q2 = w13.q, w2.q
             sc13, sc2 = cpu_experts._fp32_scales(w13.scale), cpu_experts._fp32_scales(w2.scale)
             k_in = max(d, f)
@@ -203,16 +217,27 @@ class Program:
                 return [ptr(x), int(x.dtype == torch.bfloat16), 0, ptr(groups), g0, g1, ptr(q13), q13.stride(0),
                         q13.stride(1), ptr(sc13), ptr(q2), q2.stride(0), q2.stride(1), ptr(sc2), ptr(h), h.stride(0),
                         pq, ldq, pq + k * ldq, pq + k * ldq + k * lds * 4, lds, ptr(y), d, f, block]
-        else:  # float: cpu_experts._run
+        else:  # float or weight-only int8: cpu_experts._run
             lib = cpu_experts._library()
-            bf16 = x.dtype == torch.bfloat16
-            a = cpu_experts._padded(k, f, torch.bfloat16) if bf16 else h
-            fn = lib.moesaic_experts_bf16 if bf16 else lib.moesaic_experts_f32
-            self._hold(w13, w2, a)
+            q13, q2 = getattr(w13, "q", w13), getattr(w2, "q", w2)
+            p13 = p2 = 0
+            if q13.dtype == torch.int8:  # fp32 rows (a bf16 row widened first), fp32 scales
+                if x.dtype != torch.float32:
+                    xf = torch.empty((1, d), dtype=torch.float32)
+                    self.op("bf16_to_f32", [ptr(x), ptr(xf), d])
+                    x = xf
+                sc13, sc2 = cpu_experts._fp32_scales(w13.scale), cpu_experts._fp32_scales(w2.scale)
+                self._hold(x, sc13, sc2)
+                fn, a, p13, p2 = lib.moesaic_experts_i8, h, ptr(sc13), ptr(sc2)
+            else:
+                bf16 = x.dtype == torch.bfloat16
+                a = cpu_experts._padded(k, f, torch.bfloat16) if bf16 else h
+                fn = lib.moesaic_experts_bf16 if bf16 else lib.moesaic_experts_f32
+            self._hold(q13, q2, a)
 
             def args(g0: int, g1: int) -> list[int]:
-                return [ptr(x), 0, ptr(groups), g0, g1, ptr(w13), w13.stride(0), w13.stride(1), 0, ptr(w2),
-                        w2.stride(0), w2.stride(1), 0, ptr(h), h.stride(0), ptr(a), a.stride(0), ptr(y), d, f]
+                return [ptr(x), 0, ptr(groups), g0, g1, ptr(q13), q13.stride(0), q13.stride(1), p13, ptr(q2),
+                        q2.stride(0), q2.stride(1), p2, ptr(h), h.stride(0), ptr(a), a.stride(0), ptr(y), d, f]
         cut = cpu_experts._split([1] * k) if split and k > 1 else k
         if 0 < cut < k:
             self.run2(fn, args(0, cut), args(cut, k))

@@ -95,6 +95,9 @@ void moesaic_op_add_bf16_f32(uint16_t* x, const float* y, i64 n) {
   for (i64 i = 0; i < n; i++) x[i] = fp32_to_bf16(bf16_f32(x[i]) + bf16_f32(fp32_to_bf16(y[i])));
 }
 
+/* dst [n] fp32 = src [n] bf16 (exact): a bf16 row for the weight-only int8 kernels, which take fp32 */
+void moesaic_op_bf16_to_f32(const uint16_t* src, float* dst, i64 n) { for (i64 i = 0; i < n; i++) dst[i] = bf16_f32(src[i]); }
+
 /* One token's expert groups (e, slot, 1 row) and fp32 combine weights from the router's ids [K] and weights [K]
    (fp32, or bf16 when wbf), as cpu_experts.one_token builds them. */
 void moesaic_op_groups(const i64* ids, i64 K, i64* groups, const void* w, i64 wbf, float* wk) {
