@@ -79,7 +79,12 @@ def count_calls(fs):
 
 @pytest.mark.parametrize("prec", list(PRECS))
 @pytest.mark.parametrize("variant", [{}, dict(qk_norm="head"), dict(normalize_topk=False),
-                                     dict(router="sigmoid_topk", routed_scaling_factor=2.5)])
+                                     dict(router="sigmoid_topk", routed_scaling_factor=2.5),
+                                     # in Python between the program's parts: a dense first layer, shared experts
+                                     # (gated), a group-limited router; and the q/k/v biases (C adds)
+                                     dict(first_dense_layers=1, num_shared_experts=1, shared_ffn=128,
+                                          shared_expert_gate=True, qkv_bias=True),
+                                     dict(router="sigmoid_topk", n_group=4, topk_group=2)])
 def test_bitwise_equal_to_module_path(prec, variant):
     eng = engine_of(model_of(prec=prec, **variant), prec, max_batch=1)
     assert eng.fast_step is not None, fast_step.why_not(eng.model, eng.cache)
@@ -176,10 +181,8 @@ def test_rope_table_rows_equal_one_position_tables():
 
 @pytest.mark.parametrize("over,why", [
     (dict(d_model=128, n_heads=2, n_kv_heads=1), "linear"),  # small weights: F.linear, not the C GEMV
-    (dict(num_shared_experts=1, shared_ffn=128), "shared"),
-    (dict(first_dense_layers=1), "dense"),
-    (dict(qkv_bias=True), "linear"),
     (dict(clip_qkv=8.0), "attention"),
+    (dict(router="switch", top_k=1, capacity_factor=1.25), "capacity"),
 ])
 def test_not_applicable(over, why):
     eng = engine_of(model_of(**over), max_batch=1)

@@ -7,22 +7,22 @@ ms of Python a step (py-spy, session 5), a quarter of a W8A8 step. Here `FastSte
 the token, slot and position into a small buffer, runs the program, and returns the logits.
 
 What it records per layer, each the kernel (and arguments) that the switched modules of `prepare_cpu_weights` call
-for one row: RMS norm (`cpu_norm`) -> q/k/v GEMVs (`cpu_gemv`, or W8A8 `cpu_q8`) -> per-head q/k norms ->
-rotary + KV write + attention (`cpu_attention`) -> o GEMV -> residual add -> RMS norm -> router (`cpu_router`) ->
-the K experts (`cpu_experts` / `cpu_q8`, split over the C worker as there) and their weighted sum -> residual add;
-then the final norm, the LM head and the cache length's advance. Hence the same bits as that path (tested). The
-router's give-up at a near-tie stops the program; the model's own torch router then chooses, and the program
-resumes after the router op.
+for one row: RMS norm (`cpu_norm`) -> q/k/v GEMVs (`cpu_gemv`, or int8 `cpu_q8` / `cpu_gemv`; + biases) -> per-head
+q/k norms -> rotary + KV write + attention (`cpu_attention`) -> o GEMV -> residual add -> RMS norm -> router
+(`cpu_router`) -> the K experts (`cpu_experts` / `cpu_q8`, split over the C worker) and their weighted sum ->
+residual add; then the final norm, the LM head and the cache length's advance. Hence the same bits as that path
+(tested). What has no C kernel runs in Python at its place in the step (an op stops the program, its handler runs
+the model's module on the program's buffers, the program resumes): a router's give-up at a near-tie (torch's router
+chooses), a group-limited router, a dense FFN layer, shared experts.
 
-It applies (`FastStep.build` says why not, else) to a CPU fp32 / bf16 model after `prepare_cpu_weights` with onednn,
-whose every layer is a plain MoE block (`CpuDecodeAttention` with full rotary and qk-norm none / per head, no
-biases or clipping; a `CpuSoftmaxTopK` / ungrouped `CpuSigmoidTopK` router without capacity; float experts on the
-`onednn` backend, or int8 experts, W8A8 or weight-only; no shared experts), linears that take the C GEMVs
-(`OneDNNLinear` of >= 64 Ki weights) or `Int8Linear`s (W8A8 or weight-only) on fp32 activations, and a slot cache
-of separate k / v buffers in the activations' dtype. Otherwise (and for batches > 1, CUDA, while a module has
-forward hooks, or with MOESAIC_FAST_STEP=0) the engine runs the model's forward. The recorded pointers are a
-snapshot of the weights when the engine starts (the program keeps them alive): change weights in place only, or
-build a new engine.
+It applies (`why_not` says why not) to a CPU fp32 / bf16 model after `prepare_cpu_weights` with onednn whose
+attention is `CpuDecodeAttention` with full rotary and qk-norm none / per head and no clipping, whose linears take
+the C GEMVs (`OneDNNLinear` of >= 64 Ki weights) or are `Int8Linear`s (W8A8 or weight-only) on fp32 activations,
+whose MoE layers have a router without capacity (no dropped tokens) and float experts on the `onednn` backend or
+int8 experts, and to a slot cache of separate k / v buffers in the activations' dtype. Otherwise (and for batches
+> 1, CUDA, while a module has forward hooks, or with MOESAIC_FAST_STEP=0) the engine runs the model's forward. The
+recorded pointers are a snapshot of the weights when the engine starts (the program keeps them alive): change
+weights in place only, or build a new engine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.nn.modules import module as _module
 
 from moesaic.inference.cpu_attention import CpuDecodeAttention
 from moesaic.inference.cpu_norms import CpuRMSNorm
-from moesaic.inference.cpu_router import CpuSigmoidTopK, CpuSoftmaxTopK, _CRouting
+from moesaic.inference.cpu_router import _CRouting
 from moesaic.kernels import (
     cpu_attention,
     cpu_experts,
@@ -59,13 +59,13 @@ SPLIT_MIN_BYTES = 1 << 16
 
 
 def _linear_why_not(mod, dt: torch.dtype) -> str | None:
+    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
     if type(mod) is Int8Linear:
-        ok = dt == torch.float32 and mod.bias is None and mod.weight.stride(1) == 1
-        return None if ok else "an int8 linear with a bias or on bf16 activations"
-    w = getattr(mod, "weight", None)
-    if (type(mod) is not OneDNNLinear or mod.bias is not None or w.dtype != dt or w.stride(1) != 1
-            or w.numel() < _ONEDNN_MIN_WEIGHT):
-        return "a linear that the C GEMV does not take (bias, dtype, size or layout)"
+        ok = dt == torch.float32 and w.stride(1) == 1 and (b is None or b.dtype == torch.float32)
+        return None if ok else "an int8 linear on bf16 activations (or a bias of another dtype)"
+    if (type(mod) is not OneDNNLinear or w.dtype != dt or w.stride(1) != 1 or w.numel() < _ONEDNN_MIN_WEIGHT
+            or (b is not None and (b.dtype != dt or not b.is_contiguous()))):
+        return "a linear that the C GEMV does not take (dtype, size or layout)"
     return None
 
 
@@ -75,17 +75,10 @@ def _norm_why_not(mod, dt: torch.dtype) -> str | None:
     return None
 
 
-def _block_why_not(blk, dt: torch.dtype) -> str | None:
-    attn, ffn = blk.attn, blk.ffn
-    if not blk.is_moe or ffn.shared is not None:
-        return "dense or shared-expert FFN"
-    if type(attn) is not CpuDecodeAttention or attn.clip is not None or attn.qk_norm not in ("none", "head") \
-            or attn.hd % 2 or attn.rope.inv_freq.shape[0] * 2 != attn.hd:
-        return "attention other than full-rotary GQA without clipping"
+def _moe_why_not(ffn, dt: torch.dtype) -> str | None:
     r = ffn.router
-    if type(r) not in (CpuSoftmaxTopK, CpuSigmoidTopK) or r.capacity_factor is not None or r._c_kind() is None \
-            or r.weight.dtype not in _DTYPES or not r.weight.is_contiguous():
-        return "a router the C router does not take"
+    if r.capacity_factor is not None or r.training:
+        return "a router with capacity (it may drop tokens) or in training mode"
     w13, w2 = ffn.experts.w13, ffn.experts.w2
     if isinstance(w13, Int8Weight):
         if ffn.backend not in ("int8", "auto"):
@@ -95,10 +88,20 @@ def _block_why_not(blk, dt: torch.dtype) -> str | None:
     if not all(w.dim() == 3 and w.stride(2) == 1 and w.device.type == "cpu" for w in (getattr(w13, "q", w13),
                                                                                       getattr(w2, "q", w2))):
         return "expert weights with strided rows"
+    return None
+
+
+def _block_why_not(blk, dt: torch.dtype) -> str | None:
+    attn = blk.attn
+    if type(attn) is not CpuDecodeAttention or attn.clip is not None or attn.qk_norm not in ("none", "head") \
+            or attn.hd % 2 or attn.rope.inv_freq.shape[0] * 2 != attn.hd:
+        return "attention other than full-rotary GQA without clipping"
     mods = [attn.wq, attn.wk, attn.wv, attn.wo]
     reasons = [_linear_why_not(m, dt) for m in mods] + [_norm_why_not(n, dt) for n in (blk.attn_norm, blk.ffn_norm)]
     if attn.qk_norm == "head":
         reasons += [_norm_why_not(n, dt) for n in (attn.q_norm, attn.k_norm)]
+    if blk.is_moe:
+        reasons.append(_moe_why_not(blk.ffn, dt))
     return next((r for r in reasons if r), None)
 
 
@@ -150,9 +153,8 @@ class FastStep:
     def decode(self, token: int, slot: int, k: int | None = None) -> torch.Tensor | None:
         """Logits [1, V] (the model's dtype) of the next token after `token` for the request in KV `slot`, with k
         routed experts per MoE layer (None: the trained top-k); writes the token's keys / values and advances the
-        slot's length, as the model's forward with the engine's cache view does. None (nothing done): k above
-        the C router's `MAX_K`, or forward hooks registered on a module (or globally), for the caller's usual path,
-        which runs them."""
+        slot's length, as the model's forward with the engine's cache view does. None (nothing done) while forward
+        hooks are registered on a module (or globally): the caller's usual path runs them."""
         if any(self._hooks) or _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return None
         pos = self._lengths[slot]
@@ -164,8 +166,6 @@ class FastStep:
         key = (k, cpu_pool.split_one_row())
         plan = self._plans.get(key)
         if plan is None:
-            if k is not None and not 1 <= k <= cpu_router.MAX_K:
-                return None  # the C router's limit: the model's forward routes
             plan = self._plans[key] = _Plan(self, k, key[1])
         st = self.state
         st[0], st[1], st[2] = slot, pos, token
@@ -173,7 +173,6 @@ class FastStep:
         at, rc = prog.run(0)
         while at >= 0:
             plan.handle(at, rc)
-            self.router_fallbacks += 1
             at, rc = prog.run(prog.next_op(at))
         return plan.logits.clone()
 
@@ -195,63 +194,100 @@ class _RopeTable:
 
 
 class _Plan:
-    """The recorded program of one step for k experts per token, and its buffers."""
+    """The recorded program of one step for k experts per token, its buffers, and the Python handlers of the ops that
+    stop it (a router's near-tie; the modules run in Python: a dense FFN, shared experts, a router the C router does
+    not take)."""
 
     def __init__(self, fs: FastStep, k: int | None, split: bool) -> None:
-        m, cache, dt = fs.model, fs.cache, fs.dt
+        m, cache = fs.model, fs.cache
+        self.fs, self.k, self.split = fs, k, split
         p = self.program = cpu_program.Program()
         d = m.config.d_model
         st = ctypes.addressof(fs.state)
-        slot, pos, tok = st, st + 8, st + 16
-
-        def buf(n: int, dtype=dt) -> torch.Tensor:
-            return torch.empty((1, n), dtype=dtype)
-
-        x, hn = buf(d), buf(d)
+        self.slot, pos, tok = st, st + 8, st + 16
+        self.x, self.hn = self.buf(d), self.buf(d)
         hd = m.blocks[0].attn.hd
-        cos, sinr = buf(hd), buf(hd)
+        self.cos, self.sinr = self.buf(hd), self.buf(hd)
         p.keep += [fs.state, m.embed.weight, fs._rope.cos, fs._rope.sin_rot, cache.lengths]
-        row = d * x.element_size()
-        p.op("row", [m.embed.weight.data_ptr(), tok, row, x.data_ptr()])
-        for src, dst in ((fs._rope.cos, cos), (fs._rope.sin_rot, sinr)):
+        p.op("row", [m.embed.weight.data_ptr(), tok, d * self.x.element_size(), self.x.data_ptr()])
+        for src, dst in ((fs._rope.cos, self.cos), (fs._rope.sin_rot, self.sinr)):
             p.op("row", [src.data_ptr(), pos, hd * src.element_size(), dst.data_ptr()])
-        self._routes: dict[int, tuple] = {}
+        self._handlers: dict[int, object] = {}
         for blk in m.blocks:
-            a, ffn = blk.attn, blk.ffn
-            h, hkv = a.n_heads, a.n_kv
-            p.norm(x, blk.attn_norm.weight, hn, 1, blk.attn_norm.eps)
-            q, kk, v = (_linear(p, lin, hn, split, fs.split_min_bytes) for lin in (a.wq, a.wk, a.wv))
-            if a.qk_norm == "head":
-                qn, kn = buf(h * hd), buf(hkv * hd)
-                p.norm(q, a.q_norm.weight, qn, h, a.q_norm.eps)
-                p.norm(kk, a.k_norm.weight, kn, hkv, a.k_norm.eps)
-                q, kk = qn, kn
-            ao = buf(h * hd)
-            p.attention(q, kk, v, cos, sinr, cache.k[blk.layer], cache.v[blk.layer], slot, pos, h, ao)
-            o = _linear(p, a.wo, ao, split, fs.split_min_bytes)
-            p.op("add_f32" if dt == torch.float32 else "add_bf16", [x.data_ptr(), o.data_ptr(), d])
-            p.norm(x, blk.ffn_norm.weight, hn, 1, blk.ffn_norm.eps)
-            r = ffn.router
-            kr = r.top_k if k is None else int(k)
-            kind, bias = r._c_kind()
-            rl, ids, rw = buf(r.num_experts, torch.float32), buf(kr, torch.int64), buf(kr)
-            at = p.route(hn, r.weight, kr, kind, bias, r.normalize, float(r.scale), rl, ids, rw)
-            self._routes[at] = (r, hn, kr, ids, rw)
-            y = buf(d, torch.float32)
-            p.experts_one_token(hn, ids, rw, ffn.experts.w13, ffn.experts.w2, split, y)
-            p.op("add_f32" if dt == torch.float32 else "add_bf16_f32", [x.data_ptr(), y.data_ptr(), d])
-        p.norm(x, m.norm.weight, hn, 1, m.norm.eps)
-        self.logits = _linear(p, m.lm_head, hn, split, fs.split_min_bytes)
-        p.op("advance", [cache.lengths.data_ptr(), slot])
+            self._attention(blk)
+            p.norm(self.x, blk.ffn_norm.weight, self.hn, 1, blk.ffn_norm.eps)
+            if blk.is_moe:
+                self._moe(blk.ffn)
+            else:  # a dense FFN: the module in Python (x += ffn(norm(x)), as Block.forward)
+                self._python(lambda f=blk.ffn: self.x.add_(f(self.hn)))
+        p.norm(self.x, m.norm.weight, self.hn, 1, m.norm.eps)
+        self.logits = _linear(p, m.lm_head, self.hn, split, fs.split_min_bytes)
+        p.op("advance", [cache.lengths.data_ptr(), self.slot])
+
+    def buf(self, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty((1, n), dtype=self.fs.dt if dtype is None else dtype)
+
+    def _add(self, y: torch.Tensor) -> None:
+        """x += y (x's dtype; y of x's dtype, or fp32 cast to bf16 first)."""
+        name = "add_f32" if self.fs.dt == torch.float32 else "add_bf16" if y.dtype == self.fs.dt else "add_bf16_f32"
+        self.program.op(name, [self.x.data_ptr(), y.data_ptr(), y.shape[1]])
+
+    def _python(self, fn) -> None:
+        """Stop the program here for fn() (it reads and writes the buffers), then go on."""
+        self._handlers[self.program.op("yield", [1], returns_int=True)] = lambda rc: fn()
+
+    def _attention(self, blk) -> None:
+        p, a, fs = self.program, blk.attn, self.fs
+        h, hkv, hd = a.n_heads, a.n_kv, a.hd
+        p.norm(self.x, blk.attn_norm.weight, self.hn, 1, blk.attn_norm.eps)
+        q, kk, v = (_linear(p, lin, self.hn, self.split, fs.split_min_bytes) for lin in (a.wq, a.wk, a.wv))
+        if a.qk_norm == "head":
+            qn, kn = self.buf(h * hd), self.buf(hkv * hd)
+            p.norm(q, a.q_norm.weight, qn, h, a.q_norm.eps)
+            p.norm(kk, a.k_norm.weight, kn, hkv, a.k_norm.eps)
+            q, kk = qn, kn
+        ao = self.buf(h * hd)
+        p.attention(q, kk, v, self.cos, self.sinr, fs.cache.k[blk.layer], fs.cache.v[blk.layer], self.slot,
+                    self.slot + 8, h, ao)
+        self._add(_linear(p, a.wo, ao, self.split, fs.split_min_bytes))
+
+    def _moe(self, ffn) -> None:
+        p, hn, r = self.program, self.hn, ffn.router
+        kr = r.top_k if self.k is None else int(self.k)
+        ids, rw = self.buf(kr, torch.int64), self.buf(kr)
+        # the C router where `_CRouting.forward` would try it (one contiguous row, its dtypes)
+        c_kind = (r._c_kind() if isinstance(r, _CRouting) and r.weight.dtype in cpu_router.DTYPES
+                  and r.weight.is_contiguous() and r.weight.shape[1] == hn.shape[1] else None)
+
+        def torch_route(rc: int, c_tried: bool) -> None:  # the model's torch router chooses
+            out = (super(_CRouting, r) if c_tried else r).forward(hn, None, kr)
+            ids.copy_(out.expert_ids_TK)
+            rw.copy_(out.weights_TK)
+            self.fs.router_fallbacks += c_tried
+
+        if c_kind is not None and kr <= cpu_router.MAX_K:
+            at = p.route(hn, r.weight, kr, c_kind[0], c_kind[1], r.normalize, float(r.scale),
+                         self.buf(r.num_experts, torch.float32), ids, rw)
+            self._handlers[at] = lambda rc: (_no_memory(at, rc) if rc != 1 else torch_route(rc, True))
+        else:  # a router the C router does not take (group limits): torch's, in Python
+            self._python(lambda: torch_route(0, False))
+        y = self.buf(hn.shape[1], torch.float32)
+        p.experts_one_token(hn, ids, rw, ffn.experts.w13, ffn.experts.w2, self.split, y)
+        if ffn.shared is None:
+            self._add(y)
+        else:  # MoELayer: y = experts (cast to x's dtype) + shared(x), then the residual add
+            self._python(lambda: self.x.add_(y.to(self.fs.dt) + ffn.shared(hn)))
 
     def handle(self, at: int, rc: int) -> None:
-        """The op at `at` returned rc: a router that left the choice to torch (rc 1), or a kernel without memory."""
-        if at not in self._routes or rc != 1:
-            raise MemoryError(f"fast decode step: a C kernel could not allocate its scratch (op {at}, rc {rc})")
-        router, x, k, ids, rw = self._routes[at]
-        out = super(_CRouting, router).forward(x, None, k)  # the model's torch router (skips the C try)
-        ids.copy_(out.expert_ids_TK)
-        rw.copy_(out.weights_TK)
+        """The op at `at` returned rc: run its Python handler (or fail: a kernel without memory)."""
+        fn = self._handlers.get(at)
+        if fn is None:
+            _no_memory(at, rc)
+        fn(rc)
+
+
+def _no_memory(at: int, rc: int) -> None:
+    raise MemoryError(f"fast decode step: a C kernel could not allocate its scratch (op {at}, rc {rc})")
 
 
 def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool, min_bytes: int) -> torch.Tensor:
@@ -264,9 +300,12 @@ def _linear(p: cpu_program.Program, mod, x: torch.Tensor, split: bool, min_bytes
             p.linear_q8(x, mod.weight, mod.scale, y, mod.act_block, big)
         else:
             p.gemv_int8(x, mod.weight, mod.scale, y, big)
-        return y
-    w = mod.weight
-    y = torch.empty((1, w.shape[0]), dtype=x.dtype)
-    p.gemv(x, w, y, split and w.shape[0] * w.stride(0) * w.element_size() >= min_bytes)
+    else:
+        w = mod.weight
+        y = torch.empty((1, w.shape[0]), dtype=x.dtype)
+        p.gemv(x, w, y, split and w.shape[0] * w.stride(0) * w.element_size() >= min_bytes)
+    if mod.bias is not None:  # y + bias (Int8Linear: fp32 + fp32) / cpu_linear's y.add_(bias)
+        p.keep.append(mod.bias)
+        p.op("add_f32" if y.dtype == torch.float32 else "add_bf16", [y.data_ptr(), mod.bias.data_ptr(), y.shape[1]])
     return y
 

@@ -109,6 +109,9 @@ void moesaic_op_groups(const i64* ids, i64 K, i64* groups, const void* w, i64 wb
   }
 }
 
+/* returns code: an op that stops the program for the caller (Python work in the middle of a step) */
+int moesaic_op_yield(i64 code) { return (int)code; }
+
 /* lengths[*slot] += 1: the KV cache's length after the step (SlotView.advance) */
 void moesaic_op_advance(i64* lengths, const i64* slot) { lengths[*slot] += 1; }
 """
