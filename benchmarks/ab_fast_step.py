@@ -12,7 +12,8 @@ THP_MEM_ALLOC_ENABLE=1 unless the environment sets them (as decode.py).
 
 --against-split BYTES: the "plain" side is a second fast step whose one-row linears split over the C worker only from
 BYTES of weight (8388608: the module path's rule, the LM head only) instead of the module path.
---against-no-steal: the "plain" side is the same fast step with `cpu_pool.set_steal(False)` (the caller always waits
+--against-no-adapt: the "plain" side is a second fast step that always runs the two-thread program (no
+`inference.split_tuner`). --against-no-steal: the "plain" side is the same fast step with `cpu_pool.set_steal(False)` (the caller always waits
 for the C worker to run its half). --busy: a competing process spins on one core throughout (another job on the VM).
 """
 
@@ -50,7 +51,7 @@ def timed_run(eng: Engine, prompt: list[int], n: int) -> tuple[list[float], list
 
 
 def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int | None = None,
-       against_no_steal: bool = False) -> dict:
+       against_no_steal: bool = False, against_no_adapt: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SHAPES[shape])).eval()
     kw = {}
@@ -70,6 +71,9 @@ def ab(shape: str, prec: str, rounds: int, new_tokens: int, against_split: int |
     other = None if against_split is None else FastStep(eng.model, eng.cache, split_min_bytes=against_split)
     if against_no_steal:
         other = fast
+    if against_no_adapt:
+        other = FastStep(eng.model, eng.cache)
+        other.adapt = False
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     times: dict[bool, list[float]] = {True: [], False: []}
     toks: dict[bool, list[int]] = {}
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--against-split", type=int, default=None)
     ap.add_argument("--against-no-steal", action="store_true")
+    ap.add_argument("--against-no-adapt", action="store_true")
     ap.add_argument("--busy", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -107,7 +112,8 @@ def main() -> None:
     try:
         for shape in args.shapes:
             for prec in args.precisions:
-                ab(shape, prec, args.rounds, args.new_tokens, args.against_split, args.against_no_steal)
+                ab(shape, prec, args.rounds, args.new_tokens, args.against_split, args.against_no_steal,
+                   args.against_no_adapt)
     finally:
         if busy is not None:
             busy.kill()

@@ -235,7 +235,8 @@ def test_forward_hooks_run_on_the_module_path():
 @pytest.mark.parametrize("prec", list(PRECS))
 def test_two_threads_split_over_the_c_worker(prec):
     """At two torch threads the program hands half of every linear and of the experts to the C worker (what the
-    tests' single thread never does): still bitwise the module path (whose splits are bitwise one thread's)."""
+    tests' single thread never does), and the split tuner also runs the one-thread program (warm-up): both bitwise
+    the module path (whose splits are bitwise one thread's)."""
     from moesaic.kernels import cpu_pool
 
     torch.set_num_threads(2)  # conftest restores it
@@ -243,6 +244,23 @@ def test_two_threads_split_over_the_c_worker(prec):
         pytest.skip("no C worker split here")
     eng = engine_of(model_of(prec=prec, qk_norm="head"), prec, max_batch=1)
     fast_toks, fast_logits = run(eng, prompts_of([6]), 8, on=True)
-    assert list(eng.fast_step._plans) == [(None, True)]
+    assert sorted(eng.fast_step._plans) == [(None, False), (None, True)]
     plain_toks, plain_logits = run(eng, prompts_of([6]), 8, on=False)
     assert fast_toks == plain_toks and all(torch.equal(a, b) for a, b in zip(fast_logits, plain_logits))
+
+
+def test_split_tuner_warms_up_both_then_keeps_the_faster_and_explores():
+    from moesaic.inference.split_tuner import SplitTuner
+
+    t = SplitTuner()
+    seq = []
+    for _ in range(6):  # warm-up: alternating, two-thread first
+        split = t.choose()
+        seq.append(split)
+        t.record(split, 1.0 if split else 2.0)
+    assert seq == [True, False] * 3
+    picks = [t.choose() for _ in range(2 * t.EXPLORE)]
+    assert picks.count(False) == 2  # the slower one only on the exploring steps
+    for _ in range(t.KEEP):  # the two-thread program becomes slower (another process took a core)
+        t.record(True, 3.0)
+    assert t.choose() is False

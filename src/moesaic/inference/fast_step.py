@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 import torch
 from torch.nn.modules import module as _module
 
+from moesaic.inference import split_tuner
 from moesaic.inference.cpu_attention import CpuDecodeAttention
 from moesaic.inference.cpu_norms import CpuRMSNorm
 from moesaic.inference.cpu_router import _CRouting
@@ -126,7 +128,9 @@ def why_not(model, cache) -> str | None:
 
 
 class FastStep:
-    """One program per (experts per token, two-thread split) for a model and slot cache; see the module docstring."""
+    """One program per (experts per token, two-thread split) for a model and slot cache; see the module docstring.
+    Where the kernels may split over the C worker, `split_tuner` picks the two-thread or the one-thread program each
+    step (the same bits either way)."""
 
     def __init__(self, model, cache, split_min_bytes: int | None = None) -> None:
         """split_min_bytes: one-row linears with at least this many weight bytes (int8: elements) split their rows
@@ -140,6 +144,8 @@ class FastStep:
         self._plans: dict[tuple[int, bool], _Plan] = {}
         self._rope = _RopeTable(model.blocks[0].attn.rope, self.dt)
         self.router_fallbacks = 0  # router calls the torch router decided (near-ties)
+        self.tuner = split_tuner.SplitTuner()  # two-thread or one-thread program, by their recent run times
+        self.adapt = split_tuner.ENABLED  # False: the two-thread program whenever the kernels may split
         # forward (pre-)hooks on any module would not run inside the program: then the model's forward runs
         self._hooks = [h for mod in model.modules() for h in (mod._forward_hooks, mod._forward_pre_hooks)]
 
@@ -163,17 +169,21 @@ class FastStep:
         if pos >= self._rope.filled:
             self._rope.grow(pos + 1, self.cache.max_len)
             self._plans.clear()  # the tables moved: the programs point into them
-        key = (k, cpu_pool.split_one_row())
-        plan = self._plans.get(key)
+        can_split = cpu_pool.split_one_row()
+        split = can_split and (self.tuner.choose() if self.adapt else True)
+        plan = self._plans.get((k, split))
         if plan is None:
-            plan = self._plans[key] = _Plan(self, k, key[1])
+            plan = self._plans[(k, split)] = _Plan(self, k, split)
         st = self.state
         st[0], st[1], st[2] = slot, pos, token
         prog = plan.program
+        t0 = time.perf_counter()
         at, rc = prog.run(0)
         while at >= 0:
             plan.handle(at, rc)
             at, rc = prog.run(prog.next_op(at))
+        if can_split:
+            self.tuner.record(split, time.perf_counter() - t0)
         return plan.logits.clone()
 
 
