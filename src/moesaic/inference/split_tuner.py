@@ -1,5 +1,5 @@
 """Chooses, step by step, between a batch-1 decode program that splits its kernels over the C worker thread and one
-that runs on the calling thread alone, by their recent run times.
+that runs on the calling thread alone, by comparing their run times on neighbouring steps.
 
 Why: on a quiet 2-core VM the two-thread program is 1.10-1.21x faster (fine-64x8, fp32 / bf16 / W8A8); with another
 process spinning on one of the cores it is 1.12-1.37x slower (three runnable threads on two cores: the worker and
@@ -9,8 +9,11 @@ C worker's take-back (`kernels.cpu_pool`). Both programs compute the same bits, 
     tuner.choose() -> bool      True: run the two-thread program this step
     tuner.record(split, secs)   that program's run time
 
-After a warm-up that runs each three times, the program with the lower median of its last `KEEP` runs is chosen,
-except every `EXPLORE`-th step, which runs the other one (so a change of load is noticed within a few dozen steps).
+The preferred program (first: two threads) runs, except on exploring steps (every other step until `WARM`
+comparisons exist, then every `EXPLORE`-th), which run the other one. Each exploring step is compared with the step
+just before it (this VM's bandwidth drifts by 1.5x within minutes: only neighbouring steps compare alike); when the
+median of the last `KEEP` ratios other / preferred is below `SWITCH`, the other program becomes the preferred one.
+A program's first run (cold buffers) is not compared.
 """
 
 from __future__ import annotations
@@ -22,25 +25,31 @@ ENABLED = os.environ.get("MOESAIC_FAST_STEP_ADAPT", "1") != "0"  # 0: always the
 
 
 class SplitTuner:
-    KEEP = 8
     EXPLORE = 32
     WARM = 3
+    KEEP = 5
+    SWITCH = 0.95
 
     def __init__(self) -> None:
-        self.times: dict[bool, deque[float]] = {True: deque(maxlen=self.KEEP), False: deque(maxlen=self.KEEP)}
+        self.prefer = True
+        self.ratios: deque[float] = deque(maxlen=self.KEEP)
         self.steps = 0
+        self._last: tuple[bool, float] | None = None
+        self._seen: set[bool] = set()
 
     def choose(self) -> bool:
         self.steps += 1
-        a, b = self.times[True], self.times[False]
-        if len(a) < self.WARM or len(b) < self.WARM:  # warm-up: the one with fewer runs (two-thread first)
-            return len(a) <= len(b)
-        best = _median(a) <= _median(b)
-        return (not best) if self.steps % self.EXPLORE == 0 else best
+        every = 2 if len(self.ratios) < self.WARM else self.EXPLORE
+        return (not self.prefer) if self.steps % every == 0 else self.prefer
 
     def record(self, split: bool, seconds: float) -> None:
-        self.times[split].append(seconds)
-
-
-def _median(d: deque[float]) -> float:
-    return sorted(d)[len(d) // 2]
+        if split not in self._seen:  # its first run: cold caches and buffers
+            self._seen.add(split)
+            self._last = None
+            return
+        if split != self.prefer and self._last is not None and self._last[0] == self.prefer:
+            self.ratios.append(seconds / self._last[1])
+            if len(self.ratios) >= self.WARM and sorted(self.ratios)[len(self.ratios) // 2] < self.SWITCH:
+                self.prefer = split
+                self.ratios.clear()
+        self._last = (split, seconds)
