@@ -130,3 +130,28 @@ def test_one_token_experts_and_linears_split_over_two_threads_equal_one_thread(k
         outs[split] = (cpu_experts.one_token(x, ids, wts, w13, w2, threads=2 if split else 1), lin())
     assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
     assert k == len(ids)
+
+
+@pytest.mark.parametrize("steal", [True, False])
+def test_caller_takes_back_a_half_the_worker_has_not_started(steal):
+    """An empty half for this thread, and a sleeping worker (idle past its spin): the caller is done first and, with
+    stealing on, runs the worker's half itself (2); off, it waits for the worker (1). Bitwise the same either way."""
+    import time
+
+    torch.manual_seed(2)
+    o, i = 256, 128
+    w, x = torch.randn(o, i), torch.randn(1, i)
+    fn = cpu_gemv._library().moesaic_gemv_f32
+    ref = torch.empty(1, o)
+    fn(x.data_ptr(), w.data_ptr(), ref.data_ptr(), o, i, i)
+    cpu_pool.set_steal(steal)
+    try:
+        got = []
+        for _ in range(20):
+            time.sleep(0.002)  # > the worker's 200 us spin: it sleeps, and a wake-up takes tens of microseconds
+            y = torch.full((1, o), float("nan"))
+            got.append(cpu_pool.run2(fn, *_halves(x, w, y, o, i, 0)))
+            assert torch.equal(y, ref)
+    finally:
+        cpu_pool.set_steal(True)
+    assert (2 in got) == steal and set(got) <= ({1, 2} if steal else {1})

@@ -24,6 +24,7 @@ import torch
 
 from moesaic import kernels
 from moesaic.inference.cache import SlotCache
+from moesaic.inference.fast_step import FastStep
 from moesaic.inference.graphs import make_decode_graphs
 from moesaic.inference.request import Completion, Request
 from moesaic.inference.sampler import SamplingParams, sample_row, token_logprobs
@@ -108,6 +109,7 @@ class Engine(AsyncEngineMixin):
         self.device = p.device
         self.scheduler = Scheduler(self.cache)
         self.decode_graphs = make_decode_graphs(self.model, self.cache, cuda_graphs)  # GPU (or None)
+        self.fast_step = FastStep.build(self.model, self.cache)  # batch-1 CPU steps in one C call (or None)
         self._ids = itertools.count()
         self._step_lock = threading.Lock()
         self._bg: threading.Thread | None = None
@@ -251,6 +253,11 @@ class Engine(AsyncEngineMixin):
             logits = self.decode_graphs.decode([r.output_ids[-1] for r in reqs], [r.slot for r in reqs],
                                                [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs],
                                                reqs[0].experts_per_token)
+            if logits is not None:
+                return self._sample(reqs, logits)
+        if len(reqs) == 1 and self.fast_step is not None:  # inference/fast_step.py (None: k it does not take)
+            r = reqs[0]
+            logits = self.fast_step.decode(r.output_ids[-1], r.slot, r.experts_per_token)
             if logits is not None:
                 return self._sample(reqs, logits)
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], dtype=torch.long, device=self.device)
