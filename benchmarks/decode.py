@@ -264,17 +264,30 @@ def bench_shape(name: str, shape: dict, arch: str, args, bw: float, flops: float
               f"(fp32 FLOP floor {row['compute_floor_ms']:6.2f} ms)", flush=True)
 
     uniq: dict[int, float] = {}
-    for b in args.batches:  # fp32 first (it also counts the unique experts per step)
-        res = run_moesaic(model, b, args.prompt_len, args.new_tokens, pack=args.pack, backend=args.backend)
-        uniq[b] = res["unique_experts_per_step"]
-        add("moesaic", "fp32", b, res, weight_bytes(model, uniq[b], 4))
+    hf = None
     if not args.skip_hf:
         hf = build_hf(model, arch, torch.float32)
         print(f"   transformers {arch} experts_implementation={getattr(hf.config, '_experts_implementation', '?')} "
               f"max rel logit diff vs moesaic {hf_parity(model, hf, cfg.vocab_size):.1e}", flush=True)
-        for b in args.batches:
-            add("hf", "fp32", b, run_hf(hf, b, args.prompt_len, args.new_tokens, cfg.vocab_size),
+    for b in args.batches:  # fp32 first (it also counts the unique experts per step)
+        # --hf-pairs N: moesaic and transformers alternate N times (this VM's bandwidth drifts by up to 2x within
+        # minutes, so runs minutes apart do not compare alike); each system's row is its median run
+        ours, theirs = [], []
+        for _ in range(args.hf_pairs if hf is not None else 1):
+            ours.append(run_moesaic(model, b, args.prompt_len, args.new_tokens, pack=args.pack, backend=args.backend))
+            if hf is not None:
+                theirs.append(run_hf(hf, b, args.prompt_len, args.new_tokens, cfg.vocab_size))
+        res = sorted(ours, key=lambda r: r["step_s"])[len(ours) // 2]
+        uniq[b] = res["unique_experts_per_step"]
+        add("moesaic", "fp32", b, res, weight_bytes(model, uniq[b], 4))
+        if theirs:
+            add("hf", "fp32", b, sorted(theirs, key=lambda r: r["step_s"])[len(theirs) // 2],
                 weight_bytes(model, uniq[b], 4))
+            if len(theirs) > 1:
+                rows[-1]["paired_ratios"] = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs)]
+                print(f"   moesaic / transformers fp32 B={b}, each pair: "
+                      + " ".join(f"{r:.2f}x" for r in rows[-1]["paired_ratios"]), flush=True)
+    if hf is not None:
         if "bf16" in args.precisions and 1 in uniq:  # transformers in bf16: batch 1 only
             hf = hf.to(torch.bfloat16)
             add("hf", "bf16", 1, run_hf(hf, 1, args.prompt_len, args.new_tokens, cfg.vocab_size),
@@ -329,6 +342,9 @@ def summary(rows: list[dict]) -> list[str]:
             parts = [f"{shape} B={b}:"]
             if h:
                 parts.append(f"moesaic/hf {m['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+                if h.get("paired_ratios"):
+                    pr = sorted(h["paired_ratios"])
+                    parts.append(f"(paired runs: median {pr[len(pr) // 2]:.2f}x, {pr[0]:.2f}-{pr[-1]:.2f}x)")
             if d:
                 ratio = m["tokens_per_s"] / d["tokens_per_s"]
                 ideal = m["total_params"] / m["active_params"]
@@ -371,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="no oneDNN-blocked weight copies (the engine's default)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the int8 variants this many times, interleaved, and report each one's median run")
+    ap.add_argument("--hf-pairs", type=int, default=1,
+                    help="fp32: alternate moesaic and transformers runs this many times per batch (paired ratios)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a tiny shape, batch 1 and 4, few tokens")
