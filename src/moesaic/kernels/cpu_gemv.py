@@ -43,7 +43,7 @@ _SOURCE = r"""
 
 /* y[o] = sum_i w[o * ld + i] * x[i] for o in [0, O); fp32; any I >= 0. Prefetch hint NTA (the module-by-module
    step: the streamed weights evict less of what its small ATen ops use) or T1 (`cpu_program`'s batch-1 step, no
-   ATen ops between the kernels: fp32 steps 1.07-1.19x fine-64x8, 1.02-1.11x coarse-8x2, same-process A/B,
+   ATen ops between the kernels: fp32 steps 1.07-1.19x fine-64x8, 1.02-1.09x coarse-8x2, same-process A/B,
    benchmarks/ab_fast_step_hint.py). */
 #define GEMV_F32(NAME, HINT) \
 void NAME(const float* x, const float* w, float* y, int64_t O, int64_t I, int64_t ld) {                             \
