@@ -38,7 +38,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     # x, ldx, groups, g0, g1, w13, s13 (expert stride), ld13 (row stride), sc13, w2, s2, ld2, sc2, h, ldh, a, lda,
     # y, D, F
-    for name in ("moesaic_experts_f32", "moesaic_experts_bf16", "moesaic_experts_i8"):
+    for name in ("moesaic_experts_f32", "moesaic_experts_f32_t1", "moesaic_experts_bf16", "moesaic_experts_i8"):
         fn = getattr(lib, name)
         fn.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I]
         fn.restype = None

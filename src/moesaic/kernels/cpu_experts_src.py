@@ -104,6 +104,8 @@ static void NAME(const XT* x, const WT* w, int64_t ldw, int64_t O, int64_t I, fl
 }
 
 ROW1(row1_f32, float, float, 16, F32_LOAD, F32_LOAD, F32_TLOAD, F32_TLOAD, F32_FMA, _MM_HINT_NTA)
+/* T1 for `cpu_program`'s batch-1 step (no ATen ops between its kernels; see cpu_gemv's moesaic_gemv_f32_t1) */
+ROW1(row1_f32_t1, float, float, 16, F32_LOAD, F32_LOAD, F32_TLOAD, F32_TLOAD, F32_FMA, _MM_HINT_T1)
 ROW1(row1_bf16, uint16_t, uint16_t, 32, BF_LOAD, BF_LOAD, BF_TLOAD, BF_TLOAD, BF_FMA, _MM_HINT_T1)
 ROW1(row1_i8, int8_t, float, 16, I8_LOAD, F32_LOAD, I8_TLOAD, F32_TLOAD, F32_FMA, _MM_HINT_T1)  /* unused: int8 takes 4 rows */
 
@@ -152,6 +154,7 @@ static void NAME(const XT* x, int64_t ldx, int64_t M, const WT* w, int64_t ldw, 
 }
 
 SKINNY(skinny_f32, blk_f32, float, float, 512, 1, row1_f32)
+SKINNY(skinny_f32_t1, blk_f32, float, float, 512, 1, row1_f32_t1)
 SKINNY(skinny_bf16, blk_bf16, uint16_t, uint16_t, 1024, 1, row1_bf16)
 SKINNY(skinny_i8, blk_i8, int8_t, float, 512, 4, row1_i8)
 
@@ -212,6 +215,7 @@ void NAME(const XT* x, int64_t ldx, const int64_t* groups, int64_t g0, int64_t g
 }
 
 EXPERTS(moesaic_experts_f32, skinny_f32, float, float, 0)
+EXPERTS(moesaic_experts_f32_t1, skinny_f32_t1, float, float, 0)
 EXPERTS(moesaic_experts_bf16, skinny_bf16, uint16_t, uint16_t, 1)
 EXPERTS(moesaic_experts_i8, skinny_i8, int8_t, float, 0)
 

@@ -41,30 +41,36 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 
-/* y[o] = sum_i w[o * ld + i] * x[i] for o in [0, O); fp32; any I >= 0. */
-void moesaic_gemv_f32(const float* x, const float* w, float* y, int64_t O, int64_t I, int64_t ld) {
-  const int64_t i64 = I & ~(int64_t)63, i16 = I & ~(int64_t)15;
-  const __mmask16 tail = (__mmask16)((1u << (I - i16)) - 1u);
-  for (int64_t o = 0; o < O; o++) {
-    const float* r = w + o * ld;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i < i64; i += 64) {
-      /* prefetch never faults: running past the matrix's end is harmless */
-      _mm_prefetch((const char*)(r + i + 1024), _MM_HINT_NTA);
-      _mm_prefetch((const char*)(r + i + 1040), _MM_HINT_NTA);
-      _mm_prefetch((const char*)(r + i + 1056), _MM_HINT_NTA);
-      _mm_prefetch((const char*)(r + i + 1072), _MM_HINT_NTA);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i < i16; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
-    if (i < I) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + i), _mm512_maskz_loadu_ps(tail, x + i), a1);
-    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
+/* y[o] = sum_i w[o * ld + i] * x[i] for o in [0, O); fp32; any I >= 0. Prefetch hint NTA (the module-by-module
+   step: the streamed weights evict less of what its small ATen ops use) or T1 (`cpu_program`'s batch-1 step, no
+   ATen ops between the kernels: fp32 steps 1.07-1.19x fine-64x8, 1.02-1.09x coarse-8x2, same-process A/B,
+   benchmarks/ab_fast_step_hint.py). */
+#define GEMV_F32(NAME, HINT) \
+void NAME(const float* x, const float* w, float* y, int64_t O, int64_t I, int64_t ld) {                             \
+  const int64_t i64 = I & ~(int64_t)63, i16 = I & ~(int64_t)15;                                                     \
+  const __mmask16 tail = (__mmask16)((1u << (I - i16)) - 1u);                                                       \
+  for (int64_t o = 0; o < O; o++) {                                                                                 \
+    const float* r = w + o * ld;                                                                                    \
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();  \
+    int64_t i = 0;                                                                                                  \
+    for (; i < i64; i += 64) {                                                                                      \
+      /* prefetch never faults: running past the matrix's end is harmless */                                        \
+      _mm_prefetch((const char*)(r + i + 1024), HINT);                                                              \
+      _mm_prefetch((const char*)(r + i + 1040), HINT);                                                              \
+      _mm_prefetch((const char*)(r + i + 1056), HINT);                                                              \
+      _mm_prefetch((const char*)(r + i + 1072), HINT);                                                              \
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);                                     \
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);                           \
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 32), _mm512_loadu_ps(x + i + 32), a2);                           \
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 48), _mm512_loadu_ps(x + i + 48), a3);                           \
+    }                                                                                                               \
+    for (; i < i16; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);              \
+    if (i < I) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + i), _mm512_maskz_loadu_ps(tail, x + i), a1);    \
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));                       \
+  }                                                                                                                 \
 }
+GEMV_F32(moesaic_gemv_f32, _MM_HINT_NTA)
+GEMV_F32(moesaic_gemv_f32_t1, _MM_HINT_T1)
 
 /* Two rows: y[m * O + o] = sum_i w[o * ld + i] * x[m * ldx + i], m in {0, 1}: each weight row read once for both
    (oneDNN's blocked kernels do badly at two rows: 11-14 GB/s here, this 17-26). */
@@ -225,7 +231,7 @@ def _library() -> ctypes.CDLL | None:
     lib = build(_SOURCE, "gemv")
     if lib is None:
         return None
-    for fn in (lib.moesaic_gemv_f32, lib.moesaic_gemv_bf16):
+    for fn in (lib.moesaic_gemv_f32, lib.moesaic_gemv_f32_t1, lib.moesaic_gemv_bf16):
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         fn.restype = None
     lib.moesaic_gemv2_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \

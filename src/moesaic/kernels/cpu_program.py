@@ -103,7 +103,8 @@ class Program:
         (as cpu_gemv._rows_split cuts them)."""
         self._hold(x, w, y)
         lib = cpu_gemv._library()
-        fn = getattr(lib, cpu_gemv._KERNELS[x.dtype])
+        # fp32: the T1-prefetch twin (with no ATen ops between the kernels, NTA's cache-sparing no longer pays)
+        fn = lib.moesaic_gemv_f32_t1 if x.dtype == torch.float32 else getattr(lib, cpu_gemv._KERNELS[x.dtype])
         o, i = w.shape
         ld, es = w.stride(0), w.element_size()
         cut = (o // 2) & ~15
@@ -232,7 +233,7 @@ class Program:
             else:
                 bf16 = x.dtype == torch.bfloat16
                 a = cpu_experts._padded(k, f, torch.bfloat16) if bf16 else h
-                fn = lib.moesaic_experts_bf16 if bf16 else lib.moesaic_experts_f32
+                fn = lib.moesaic_experts_bf16 if bf16 else lib.moesaic_experts_f32_t1  # T1 prefetch: see cpu_gemv
             self._hold(q13, q2, a)
 
             def args(g0: int, g1: int) -> list[int]:
