@@ -51,6 +51,35 @@ def test_decode_attention_matches_rope_plus_sdpa(b, h, hkv, d, positions):
     torch.testing.assert_close(vc, vw, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [4, 5, 9])
+def test_row_split_over_two_threads_gives_the_same_bits(b, dtype, monkeypatch):
+    """From SPLIT_MIN_ROWS rows the rows are split over this thread and the C worker (each half writes its own slots'
+    cache rows and outputs): output and caches bitwise those of one call on one thread; row strides honoured."""
+    assert b >= cpu_attention.SPLIT_MIN_ROWS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(b)
+    h, hkv, d, n, m = 8, 2, 32, 10, 64
+    kc0, vc0 = torch.randn(n, m, hkv, d, generator=g).to(dtype), torch.randn(n, m, hkv, d, generator=g).to(dtype)
+    qkv = torch.randn(b, (h + 2 * hkv) * d, generator=g).to(dtype)  # q, k, v as strided views of one row buffer
+    q, k, v = qkv[:, :h * d], qkv[:, h * d:(h + hkv) * d], qkv[:, (h + hkv) * d:]
+    pos = torch.randint(0, m, (b,), generator=g)
+    slots = torch.randperm(n, generator=g)[:b]
+    cos, sin = RotaryEmbedding(d, 10000.0)(pos[:, None], dtype)
+    cos, sin = cos[:, 0], sin[:, 0]
+    sin_rot = torch.cat([-sin[:, :d // 2], sin[:, d // 2:]], -1)
+    outs = []
+    for split in (True, False):
+        monkeypatch.setattr(cpu_attention, "SPLIT", split)
+        kc, vc = kc0.clone(), vc0.clone()
+        outs.append((cpu_attention.decode_attention(q, k, v, cos, sin_rot, kc, vc, slots, pos), kc, vc))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+    if dtype == torch.float32:
+        want, _, _ = reference(q, k, v, cos, sin, kc0, vc0, slots, pos)
+        torch.testing.assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_bf16_matches_fp32_math_on_bf16_values():
     g = torch.Generator().manual_seed(7)
     b, h, hkv, d, n, m = 2, 8, 2, 64, 3, 64
