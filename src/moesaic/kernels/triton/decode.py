@@ -45,6 +45,16 @@ def _gdc_launch_dependents(PDL: tl.constexpr):
 
 
 @triton.jit
+def load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K: tl.constexpr):
+    """Tile k0 of x [BK] and of the gate / up weight rows [BN, BK] at these pointers (zeros past D unless EVEN_K)."""
+    if EVEN_K:
+        return tl.load(x_ptrs), tl.load(g_ptrs), tl.load(u_ptrs)
+    k_ok = ks + k0 < D
+    return (tl.load(x_ptrs, mask=k_ok, other=0.0), tl.load(g_ptrs, mask=k_ok[None, :], other=0.0),
+            tl.load(u_ptrs, mask=k_ok[None, :], other=0.0))
+
+
+@triton.jit
 def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, stride_we, stride_wg,
                       BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     # x_ptr [T, D]; w_ptr [E, 2F, D] (D contiguous); ids_ptr [N]; act_ptr [N, F] fp32 (rows of
@@ -61,29 +71,14 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, 
         g_ptrs = w_ptr + e * stride_we + cols_ld[:, None] * stride_wg + ks[None, :]
         u_ptrs = g_ptrs + F * stride_wg
         x_ptrs = x_ptr + t * stride_xt + ks
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=ks < D, other=0.0)
-            g = tl.load(g_ptrs, mask=(ks < D)[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=(ks < D)[None, :], other=0.0)
+        x, g, u = load_gux(x_ptrs, g_ptrs, u_ptrs, 0, D, ks, EVEN_K)
         acc_g = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
         for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
             x_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-            if EVEN_K:
-                x_nx = tl.load(x_ptrs)
-                g_nx = tl.load(g_ptrs)
-                u_nx = tl.load(u_ptrs)
-            else:
-                k_ok = ks + k0 < D
-                x_nx = tl.load(x_ptrs, mask=k_ok, other=0.0)
-                g_nx = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
-                u_nx = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+            x_nx, g_nx, u_nx = load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K)
             xf = x.to(tl.float32)[None, :]
             acc_g += tl.sum(g.to(tl.float32) * xf, axis=1)
             acc_u += tl.sum(u.to(tl.float32) * xf, axis=1)

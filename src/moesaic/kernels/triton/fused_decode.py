@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moesaic.kernels.triton.decode import load_gux
 from moesaic.kernels.triton.fastlaunch import launcher
 
 
@@ -57,29 +58,14 @@ def fused_decode_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, wts_ptr, ws_ptr, cnt_pt
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=(rows < D)[:, None], other=0.0)
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=ks < D, other=0.0)
-            g = tl.load(g_ptrs, mask=(ks < D)[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=(ks < D)[None, :], other=0.0)
+        x, g, u = load_gux(x_ptrs, g_ptrs, u_ptrs, 0, D, ks, EVEN_K)
         acc_g = tl.zeros((BF, BK), dtype=tl.float32)
         acc_u = tl.zeros((BF, BK), dtype=tl.float32)
         for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
             x_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-            if EVEN_K:
-                x_nx = tl.load(x_ptrs)
-                g_nx = tl.load(g_ptrs)
-                u_nx = tl.load(u_ptrs)
-            else:
-                k_ok = ks + k0 < D
-                x_nx = tl.load(x_ptrs, mask=k_ok, other=0.0)
-                g_nx = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
-                u_nx = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+            x_nx, g_nx, u_nx = load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K)
             xf = x.to(tl.float32)[None, :]
             acc_g += g.to(tl.float32) * xf
             acc_u += u.to(tl.float32) * xf
