@@ -173,3 +173,25 @@ def test_skinny_linear_matches_f_linear(dtype, tol, m, o, i, threads):
     assert not cpu_experts.linear_usable(x[:1], w)  # one row: cpu_gemv
     assert not cpu_experts.linear_usable(torch.randn(9, i).to(dtype), w)  # more rows: oneDNN
     assert not cpu_experts.linear_usable(x, w.t().contiguous().t())
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_combine_sorted_matches_index_add(wdtype):
+    """The batch combine in C: out[token] = sum of weight * expert output over the token's routed pairs, tokens whose
+    pairs were all dropped get zeros; as torch's index_add_ of y * w (to fp32 rounding)."""
+    from moesaic.kernels.sorted import sort_by_expert
+
+    torch.manual_seed(3)
+    t, k, e, d = 7, 3, 5, 37
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    ids[2] = -1  # every pair of token 2 dropped
+    ids[4, 1] = -1
+    w = torch.rand(t, k).to(wdtype)
+    order, _, n_dropped = sort_by_expert(ids, e)
+    order = order[n_dropped:]
+    y = torch.randn(order.numel(), d)
+    want = torch.zeros(t, d).index_add_(0, order // k, y * w.float().reshape(-1)[order][:, None])
+    got = cpu_experts.combine_sorted(y, order, k, w)
+    assert got.dtype == torch.float32 and got.shape == (t, d)
+    assert torch.equal(got[2], torch.zeros(d))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

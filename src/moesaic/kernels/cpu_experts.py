@@ -48,6 +48,8 @@ def _library() -> ctypes.CDLL | None:
         fn.restype = None
     lib.moesaic_combine_f32.argtypes = [_P, _P, _I, _I, _P]  # y, wk, K, D, out
     lib.moesaic_combine_f32.restype = None
+    lib.moesaic_combine_sorted_f32.argtypes = [_P, _P, _I, _P, _I, _I, _I, _P]  # y, order, K, w, N, T, D, out
+    lib.moesaic_combine_sorted_f32.restype = None
     return lib
 
 
@@ -117,6 +119,22 @@ def one_token(x_1D: torch.Tensor, ids: list[int], weights: list[float], w13, w2,
     _library().moesaic_combine_f32(y.data_ptr(), (ctypes.c_float * max(k, 1))(*[w for _, w in picked]), k,
                                    y.shape[1], out.data_ptr())
     return out.to(x_1D.dtype)
+
+
+COMBINE_IN_C = True  # False: torch's y * w and index_add_ (A/B runs)
+
+
+def combine_sorted(y_ND: torch.Tensor, order_N: torch.Tensor, k: int, weights_TK: torch.Tensor) -> torch.Tensor:
+    """out [T, D] fp32 = sum over routed pairs of weight * expert output: out[order_N[i] // k] += weights_TK.flat[
+    order_N[i]] * y_ND[i], in i order. y_ND [N, D] fp32 (pairs sorted by expert), order_N [N] int64 their flat
+    token * k + slot indices (all in range), weights_TK [T, k] (any float dtype). One thread, in C."""
+    t, d = weights_TK.shape[0], y_ND.shape[1]
+    y, order = y_ND.contiguous(), order_N.contiguous()
+    w = weights_TK.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty((t, d), dtype=torch.float32)
+    _library().moesaic_combine_sorted_f32(y.data_ptr(), order.data_ptr(), k, w.data_ptr(), y.shape[0], t, d,
+                                          out.data_ptr())
+    return out
 
 
 def _run(x_ND: torch.Tensor, groups: list[tuple[int, int, int]], n: int, w13, w2, threads: int,

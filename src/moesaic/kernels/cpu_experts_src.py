@@ -4,6 +4,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 
 /* 4 horizontal sums at once: [sum a, sum b, sum c, sum d] */
 static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -224,6 +225,25 @@ void moesaic_combine_f32(const float* y, const float* wk, int64_t K, int64_t D, 
   for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
   for (int64_t k = 0; k < K; k++)
     for (int64_t d = 0; d < D; d++) out[d] += wk[k] * y[k * D + d];
+}
+
+/* A batch's combine: out [T, D] = 0, then out[order[i] / K] += w[order[i]] * y[i] for i = 0 .. N-1 in that order (the
+   product rounded to fp32, then added, as torch's index_add_ of y * w). y [N, D]: the expert outputs of the routed
+   pairs, sorted by expert; order [N]: their flat (token * K + slot) indices; w [T * K]: the routing weights. One
+   thread: at ~64 rows torch's index_add_ woke a parallel region, whose second thread the C worker was still
+   spinning on. */
+void moesaic_combine_sorted_f32(const float* y, const int64_t* order, int64_t K, const float* w, int64_t N,
+                                int64_t T, int64_t D, float* out) {
+  memset(out, 0, sizeof(float) * (size_t)(T * D));
+  for (int64_t i = 0; i < N; i++) {
+    const float wi = w[order[i]];
+    float* o = out + (order[i] / K) * D;
+    const float* yi = y + i * D;
+    for (int64_t d = 0; d < D; d++) {
+      const float p = wi * yi[d];
+      o[d] += p;
+    }
+  }
 }
 
 /* A linear's few rows: y [M, O] fp32 (ldy) = x [M, I] (ldx) @ w [O, I].T (ldw). */

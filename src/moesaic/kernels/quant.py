@@ -166,6 +166,8 @@ def moe_experts_weight_only(hidden_TD: torch.Tensor, w13_EGD: Int8Weight, w2_EDF
             h = swiglu(lin(x_ND[start:start + c], w13_EGD, e))
             y_ND[start:start + c] = lin(h, w2_EDF, e)
         start += c
+    if small and cpu_experts.COMBINE_IN_C and y_ND.dtype == torch.float32 and order_N.dtype == torch.int64:
+        return cpu_experts.combine_sorted(y_ND, order_N, k, weights_TK).to(hidden_TD.dtype)
     w_N = weights_TK.reshape(-1)[order_N].to(acc)
     out_TD = torch.zeros(hidden_TD.shape, dtype=acc, device=hidden_TD.device)
     out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
