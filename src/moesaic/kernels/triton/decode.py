@@ -55,6 +55,26 @@ def load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def gate_up_sums(x_ptrs, g_ptrs, u_ptrs, D, ks, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """(hg, hu) [BN] fp32: the gate / up rows at g_ptrs / u_ptrs [BN, BK] dotted with x over all of D, the next tile
+    loaded one iteration ahead, each tile reduced as it arrives."""
+    x, g, u = load_gux(x_ptrs, g_ptrs, u_ptrs, 0, D, ks, EVEN_K)
+    acc_g = tl.zeros((BN,), dtype=tl.float32)
+    acc_u = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
+        x_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+        x_nx, g_nx, u_nx = load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K)
+        xf = x.to(tl.float32)[None, :]
+        acc_g += tl.sum(g.to(tl.float32) * xf, axis=1)
+        acc_u += tl.sum(u.to(tl.float32) * xf, axis=1)
+        x, g, u = x_nx, g_nx, u_nx
+    xf = x.to(tl.float32)[None, :]
+    return acc_g + tl.sum(g.to(tl.float32) * xf, axis=1), acc_u + tl.sum(u.to(tl.float32) * xf, axis=1)
+
+
+@triton.jit
 def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, stride_we, stride_wg,
                       BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     # x_ptr [T, D]; w_ptr [E, 2F, D] (D contiguous); ids_ptr [N]; act_ptr [N, F] fp32 (rows of
@@ -71,21 +91,7 @@ def decode_w13_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, D, F, E, TOPK, stride_xt, 
         g_ptrs = w_ptr + e * stride_we + cols_ld[:, None] * stride_wg + ks[None, :]
         u_ptrs = g_ptrs + F * stride_wg
         x_ptrs = x_ptr + t * stride_xt + ks
-        x, g, u = load_gux(x_ptrs, g_ptrs, u_ptrs, 0, D, ks, EVEN_K)
-        acc_g = tl.zeros((BN,), dtype=tl.float32)
-        acc_u = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
-            x_ptrs += BK
-            g_ptrs += BK
-            u_ptrs += BK
-            x_nx, g_nx, u_nx = load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K)
-            xf = x.to(tl.float32)[None, :]
-            acc_g += tl.sum(g.to(tl.float32) * xf, axis=1)
-            acc_u += tl.sum(u.to(tl.float32) * xf, axis=1)
-            x, g, u = x_nx, g_nx, u_nx
-        xf = x.to(tl.float32)[None, :]
-        hg = acc_g + tl.sum(g.to(tl.float32) * xf, axis=1)
-        hu = acc_u + tl.sum(u.to(tl.float32) * xf, axis=1)
+        hg, hu = gate_up_sums(x_ptrs, g_ptrs, u_ptrs, D, ks, BN, BK, EVEN_K)
         act = hg * tl.sigmoid(hg) * hu
         tl.store(act_ptr + n.to(tl.int64) * F + cols, act, mask=cols < F)
 

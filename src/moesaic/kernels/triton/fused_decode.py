@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moesaic.kernels.triton.decode import load_gux
+from moesaic.kernels.triton.decode import gate_up_sums
 from moesaic.kernels.triton.fastlaunch import launcher
 
 
@@ -58,21 +58,7 @@ def fused_decode_kernel(x_ptr, w13_ptr, w2_ptr, ids_ptr, wts_ptr, ws_ptr, cnt_pt
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=(rows < D)[:, None], other=0.0)
-        x, g, u = load_gux(x_ptrs, g_ptrs, u_ptrs, 0, D, ks, EVEN_K)
-        acc_g = tl.zeros((BF, BK), dtype=tl.float32)
-        acc_u = tl.zeros((BF, BK), dtype=tl.float32)
-        for k0 in range(BK, D, BK):  # load tile k0, use tile k0 - BK
-            x_ptrs += BK
-            g_ptrs += BK
-            u_ptrs += BK
-            x_nx, g_nx, u_nx = load_gux(x_ptrs, g_ptrs, u_ptrs, k0, D, ks, EVEN_K)
-            xf = x.to(tl.float32)[None, :]
-            acc_g += g.to(tl.float32) * xf
-            acc_u += u.to(tl.float32) * xf
-            x, g, u = x_nx, g_nx, u_nx
-        xf = x.to(tl.float32)[None, :]
-        hg = tl.sum(acc_g + g.to(tl.float32) * xf, axis=1)
-        hu = tl.sum(acc_u + u.to(tl.float32) * xf, axis=1)
+        hg, hu = gate_up_sums(x_ptrs, g_ptrs, u_ptrs, D, ks, BF, BK, EVEN_K)
         wk = tl.load(wts_ptr + n).to(tl.float32)
         act = tl.where(fs < F, hg * tl.sigmoid(hg) * hu * wk, 0.0)
         for d0 in range(BD, D, BD):  # load tile d0, add tile d0 - BD (always whole)

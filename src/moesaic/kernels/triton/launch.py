@@ -147,9 +147,9 @@ def fused_candidates() -> list[MoEConfig]:
     """Fused-path configs the autotuner times. Programs = T*K*F/BF: BF 16-64 gives a fine-grained layer at T = 1
     (8 pairs, F 768) 96-384 programs for 132 multiprocessors. BF >= 32 reads >= 64 contiguous bytes of each
     bf16 w2 row (DRAM bursts); BF 16 trades that for twice the programs and twice the atomics. The kernel
-    holds two fp32 accumulators (2*BF*BK values) plus the current and the next 16-bit tiles: 32 accumulator
-    registers a thread in the first five (~128 registers: 2 programs of 8 warps per multiprocessor), 64 in
-    the last three (fewer, larger programs). w2 tiles BD x BF are 8-16K values (16-32 KB)."""
+    holds the current and the next 16-bit w13 tiles (2*BF*BK values each; since session 6 each tile is reduced to
+    per-row sums as it arrives, `decode.gate_up_sums`, as on the decode path). w2 tiles BD x BF are 8-16K values
+    (16-32 KB)."""
     return [fused(32, 128, 256, 8, 2), fused(16, 256, 512, 8, 2), fused(64, 64, 128, 8, 2),
             fused(16, 128, 256, 4, 2), fused(32, 64, 128, 4, 2), fused(32, 256, 256, 8, 2),
             fused(16, 512, 512, 8, 2), fused(64, 128, 128, 8, 2)]
