@@ -33,6 +33,7 @@ class MoEConfig:
     gemm2: GemmConfig
     tail_bm: int = 0  # > 0: tail tiles (align.py) in the inference forward; training keeps uniform bm blocks
     pdl: int = 0  # decode path: 1 = programmatic dependent launch (w2 streams while w13 ends; sm_90+ only)
+    tail_merge: int = 0  # with tail_bm: 1 = an expert's lone tail tile runs in its last main tile's program (align.py)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -54,6 +55,9 @@ class MoEConfig:
         if t and (self.path != "grouped" or t < 16 or t >= self.bm or t & (t - 1)):
             raise ValueError(f"MoEConfig.tail_bm must be 0 (off) or, on the grouped path, a power of two with "
                              f"16 <= tail_bm < bm ({self.bm}), got {t!r}")
+        if self.tail_merge not in (0, 1) or (self.tail_merge and not t):
+            raise ValueError(f"MoEConfig.tail_merge must be 0, or 1 with tail tiles (tail_bm > 0), got "
+                             f"{self.tail_merge!r} (tail_bm {t})")
         if self.pdl not in (0, 1) or (self.pdl and self.path != "decode"):
             raise ValueError(f"MoEConfig.pdl must be 0, or 1 on the decode path, got {self.pdl!r} ({self.path})")
 
@@ -63,7 +67,8 @@ class MoEConfig:
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
         return MoEConfig(path=d["path"], bm=int(d["bm"]), gemm1=GemmConfig(**d["gemm1"]),
-                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)), pdl=int(d.get("pdl", 0)))
+                         gemm2=GemmConfig(**d["gemm2"]), tail_bm=int(d.get("tail_bm", 0)), pdl=int(d.get("pdl", 0)),
+                         tail_merge=int(d.get("tail_merge", 0)))
 
 
 def rows_per_expert(t: int, e: int, k: int) -> float:

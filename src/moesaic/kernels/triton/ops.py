@@ -6,7 +6,8 @@ P padded sorted rows.
 Forward (grouped path):
  1. align: sort pairs by expert, pad each expert to BM rows            (align.py, 1-3 launches)
     (tail tiles, cfg.tail_bm > 0: pad to tail_bm rows; the GEMMs take BM-row main tiles and tail_bm-row
-    tail tiles from a tile list; training keeps uniform BM blocks)
+    tail tiles from a tile list, cfg.tail_merge: a lone tail in its main tile's program; training keeps
+    uniform BM blocks)
  2. act_PF = SwiGLU(x[tok] @ w13[e].T)                                  (w13_swiglu_kernel)
  3. o_ND[pair] = act_PF @ w2[e].T                                       (grouped_mm_kernel)
  4. y_TD = sum_k w[t,k] * o_ND[t*K+k]                                   (combine_kernel)
@@ -99,10 +100,12 @@ def _persistent(g: GemmConfig) -> int:
 
 
 def align_for(ids_TK: torch.Tensor, num_experts: int, cfg: MoEConfig, save: bool = False) -> Alignment:
-    """The alignment a grouped config runs on: tail tiles if it asks for them (inference only, and not under
-    MOESAIC_TRITON_TAIL=0), else uniform cfg.bm blocks."""
+    """The alignment a grouped config runs on: tail tiles (merged ones too if cfg.tail_merge) if it asks for them
+    (inference only, and not under MOESAIC_TRITON_TAIL=0), else uniform cfg.bm blocks."""
     tail = 0 if save or os.environ.get("MOESAIC_TRITON_TAIL", "1") == "0" else cfg.tail_bm
-    return align(ids_TK, num_experts, tail, cfg.bm) if tail else align(ids_TK, num_experts, cfg.bm)
+    if not tail:
+        return align(ids_TK, num_experts, cfg.bm)
+    return align(ids_TK, num_experts, tail, cfg.bm, merge=bool(cfg.tail_merge))
 
 
 _ALLOCATOR_SET = False
@@ -144,13 +147,13 @@ def run_w13(x_TD, w13_EGD, al: Alignment, topk: int, g: GemmConfig, save_h: bool
     # tma 2: gather x into sorted rows first (one pass), so the GEMM loads A through a descriptor too
     tma_a = g.tma == 2 and _tma_ok(x_TD, rows_contiguous=False)
     a = _gather_sorted(x_TD, al, topk) if tma_a else x_TD
-    tile_row, tile_kind, n_tiles, bm, tail_bm = al.tile_args()
+    tile_row, tile_kind, n_tiles, bm, tail_bm, merge = al.tile_args()
     launcher(gk.w13_swiglu_kernel)(_grid_mm(al, f, g),
         a, w13_EGD, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, tile_row, tile_kind, n_tiles, act, h,
         al.max_tiles, a.shape[0], e, d, f, topk, a.stride(0), w13_EGD.stride(0), w13_EGD.stride(1), act.stride(0),
         h.stride(0), BM=bm, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, SAVE_H=save_h,
         DOT_F32=_dot_f32(x_TD.dtype), EVEN_K=d % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=_persistent(g),
-        TAIL_BM=tail_bm, num_warps=g.num_warps, num_stages=g.num_stages)
+        TAIL_BM=tail_bm, MERGE=merge, num_warps=g.num_warps, num_stages=g.num_stages)
     return act, (h if save_h else None)
 
 
@@ -163,14 +166,14 @@ def run_mm(a, b_ptr_tensor, b_strides, out, al: Alignment, topk: int, ncols: int
     # TMA for B only when each expert's weight is a K-contiguous [ncols, kd] block of a contiguous tensor
     tma_b = g.tma > 0 and sk == 1 and se == ncols * sn and _tma_ok(b_ptr_tensor)
     tma_a = g.tma > 0 and not a_gather and _tma_ok(a, rows_contiguous=False)
-    tile_row, tile_kind, n_tiles, bm, tail_bm = al.tile_args()
+    tile_row, tile_kind, n_tiles, bm, tail_bm, merge = al.tile_args()
     launcher(gk.grouped_mm_kernel)(_grid_mm(al, ncols, g),
         a, b_ptr_tensor, out, al.sorted_ids_P, al.block_expert_B, al.off_E1, al.counts_E, tile_row, tile_kind, n_tiles,
         w, h, al.max_tiles, a.shape[0], b_ptr_tensor.shape[0], ncols, kd, topk, a.stride(0), se, sk, sn,
         out.stride(0), h.stride(0), BM=bm, BN=g.bn, BK=g.bk, GROUP_M=g.group_m, A_GATHER=a_gather,
         OUT_PAIR=out_pair, SCALE_W=w_N is not None, SWIGLU_BWD=h_PG is not None,
         DOT_F32=_dot_f32(a.dtype), EVEN_K=kd % g.bk == 0, TMA_A=tma_a, TMA_B=tma_b, PERSISTENT=_persistent(g),
-        TAIL_BM=tail_bm, num_warps=g.num_warps, num_stages=g.num_stages)
+        TAIL_BM=tail_bm, MERGE=merge, num_warps=g.num_warps, num_stages=g.num_stages)
 
 
 def run_combine(o_ND, ids_N, w_N, t: int, d: int, topk: int, dtype, num_experts: int) -> torch.Tensor:

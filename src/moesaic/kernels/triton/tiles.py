@@ -5,7 +5,7 @@ Shape legend: as in grouped_gemm.py (E experts, K top-k, P padded sorted rows, S
   _swizzle      program id -> (row tile, column block), grouped so weight tiles are reused in L2
   _rows_at      the BM rows of expert e from row0: row mask (rows past the count are padding), pair, token
   _block_rows   the same for uniform row block pid_m (its expert from block_expert)
-  _listed_tile  (first row, expert, is_tail) of tile s of the tail-tile list
+  _listed_tile  (first row, expert, kind) of tile s of the tail-tile list (kind 0 main, 1 tail, 2 merged)
   _live_tiles   how many row tiles hold work (read on the device: the grid is an upper bound)
 """
 
@@ -48,9 +48,10 @@ def _block_rows(pid_m, sorted_ptr, block_expert_ptr, off_ptr, counts_ptr, E, TOP
 
 @triton.jit
 def _listed_tile(s, tile_row_ptr, tile_kind_ptr):
-    """-> (first sorted row, expert, is_tail) of tile s of the tail-tile list (align.py)."""
+    """-> (first sorted row, expert, kind) of tile s of the tail-tile list (align.py): kind 0 a main tile, 1 a
+    tail tile, 2 a merged tile (a main tile and the expert's one tail tile in one program)."""
     kind = tl.load(tile_kind_ptr + s)
-    return tl.load(tile_row_ptr + s), (kind // 2).to(tl.int64), kind % 2 == 1
+    return tl.load(tile_row_ptr + s), (kind // 4).to(tl.int64), kind % 4
 
 
 @triton.jit
