@@ -144,7 +144,10 @@ def implementations(device: str, w13, w2, k: int) -> dict:
     return impls
 
 
-def run_point(name, shape, t, impls, w13, w2, ceil, device, dtype, rep_ms, graph_max_t) -> dict:
+def run_point(name, shape, t, impls, w13, w2, ceil, device, dtype, rep_ms, graph_max_t, repeats=1) -> dict:
+    """One grid point: every implementation checked against the reference, then timed; with repeats > 1 the
+    implementations are timed in alternation, `repeats` rounds, and the median is reported (a GPU at its power
+    cap drifts by several percent within a minute, which would otherwise favour whichever ran first)."""
     d, f, e, k = shape
     x, _, _, ids, w = random_problem(t, d, f, e, k, dtype, torch.device(device), seed=t)
     flops = 6.0 * t * k * d * f
@@ -163,26 +166,39 @@ def run_point(name, shape, t, impls, w13, w2, ceil, device, dtype, rep_ms, graph
                                for i in range(1, GRAPH_CALLS)]
         g_floor = statistics.mean(max(flops / ceil["matmul_flops"], int(torch.unique(r[0]).numel()) * 3 * d * f
                                       * w13.element_size() / ceil["copy_Bps"]) for r in routes)
+    ready = {}  # name -> (timed callable, calls per timed call, rel err)
     for iname, fn in todo.items():
         try:
             if iname == "triton+graph":
-                fn = graph_replay(lambda: [impls["triton"](x, r_ids, r_w) for r_ids, r_w in routes])
-                y = None
-            else:
-                fn(x, ids, w)  # first call compiles/tunes; check the steady-state (fast-launch) output
-                y = fn(x, ids, w)
-            err = None if y is None else float((y.float() - ref.float()).norm() / ref.float().norm())
-            if iname == "triton+graph":
-                sec = bench(fn, device, rep_ms) / GRAPH_CALLS
-            else:
-                sec = bench(lambda fn=fn: fn(x, ids, w), device, rep_ms)
+                ready[iname] = (graph_replay(lambda: [impls["triton"](x, r_ids, r_w) for r_ids, r_w in routes]),
+                                GRAPH_CALLS, None)
+                continue
+            fn(x, ids, w)  # first call compiles/tunes; check the steady-state (fast-launch) output
+            y = fn(x, ids, w)
+            err = float((y.float() - ref.float()).norm() / ref.float().norm())
+            ready[iname] = (lambda fn=fn: fn(x, ids, w), 1, err)
         except Exception as exc:  # e.g. out of memory in a peer: record and go on
             row["impls"][iname] = {"error": repr(exc)[:200]}
             torch.cuda.empty_cache() if device == "cuda" else None
+    times: dict[str, list[float]] = {n: [] for n in ready}
+    for _ in range(max(1, repeats)):
+        for iname, (call, calls, _) in ready.items():
+            if iname in row["impls"]:  # failed in an earlier round
+                continue
+            try:
+                times[iname].append(bench(call, device, rep_ms) / calls)
+            except Exception as exc:
+                row["impls"][iname] = {"error": repr(exc)[:200]}
+                torch.cuda.empty_cache() if device == "cuda" else None
+    for iname, (_, _, err) in ready.items():
+        if iname in row["impls"]:
             continue
+        sec = statistics.median(times[iname])
         fl = g_floor if iname == "triton+graph" else floor
         row["impls"][iname] = {"time_s": sec, "tflops": flops / sec / 1e12, "GBps": wbytes / sec / 1e9,
                                "efficiency": fl / sec, "rel_err_vs_reference": err}
+        if len(times[iname]) > 1:
+            row["impls"][iname]["times_s"] = times[iname]
         if iname == "triton+graph":
             row["impls"][iname]["calls_per_graph"] = GRAPH_CALLS
     return row
@@ -359,6 +375,8 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", nargs="*", default=None, help=f"from {list(SHAPES)}")
     p.add_argument("--tokens", nargs="*", type=int, default=None)
     p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time the implementations of each point in alternation this many rounds; report the median")
     p.add_argument("--graph-max-t", type=int, default=64, help="also time triton from a CUDA graph up to this T")
     p.add_argument("--train", action="store_true", help="also time forward+backward (triton vs sorted)")
     p.add_argument("--train-tokens", nargs="*", type=int, default=[4096])
@@ -372,6 +390,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile-train", nargs=2, metavar=("SHAPE", "T"), action="append", default=[],
                    help="print the forward/backward stage times of one point, then exit")
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {a.repeats}")
     dev = a.device
     if a.train_model is not None:
         res = [train_model_step(n, a.train_batch, 1024, a.rep_ms) for n in (a.train_model or list(MODEL_SHAPES))]
@@ -402,7 +422,7 @@ def main(argv=None) -> None:
         for t in tokens:
             t0 = time.time()
             rows.append(run_point(name, (d, f, e, k), t, impls, w13, w2, ceil, dev, dtype, a.rep_ms,
-                                  a.graph_max_t))
+                                  a.graph_max_t, a.repeats))
             tri = rows[-1]["impls"].get("triton", {})
             errs = {n: (m["rel_err_vs_reference"] if "time_s" in m else m["error"][:60])
                     for n, m in rows[-1]["impls"].items() if n != "triton+graph"}
