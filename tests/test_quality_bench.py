@@ -3,7 +3,6 @@ that writes the JSON and the PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,15 +11,10 @@ import pytest
 
 from moesaic.data.corpus import builtin_files
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def quality(load_benchmark):
+    return load_benchmark("quality")
 
 
 def test_steps_to_reach_first_evaluated_step_at_or_below_target(quality):
